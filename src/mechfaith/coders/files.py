@@ -1,0 +1,155 @@
+"""Coder files: a folder with ``config.json`` and ``weights.safetensors``, written atomically.
+
+``config.json`` holds ``format`` ("mechfaith.coder"), ``format_version``, the :class:`CoderConfig`,
+the SHA-256 of the weights file (so corruption anywhere in it is caught) and an optional free-form
+``training`` summary. No pickle anywhere: loading never executes code from a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mechfaith.atomic import atomic_dir, atomic_path
+from mechfaith.coders.coder import SparseCoder
+from mechfaith.coders.config import CoderConfig
+from mechfaith.configs import config_from_dict, config_to_dict
+from mechfaith.errors import CoderFileError, ConfigError
+
+FORMAT = "mechfaith.coder"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "weights.safetensors"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Tensor],
+                  metadata: dict[str, str] | None = None) -> str:
+    """Write tensors as safetensors atomically; return the file's SHA-256."""
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+    return digest
+
+
+def read_tensors(path: str | os.PathLike[str], expected_sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a safetensors file; any damage raises :class:`CoderFileError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoderFileError(path, "file not found")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise CoderFileError(path, "checksum mismatch: the file is truncated or corrupt")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CoderFileError(path, f"not a readable safetensors file ({first})") from None
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically (sorted keys, indented)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read JSON; a missing or malformed file raises :class:`CoderFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoderFileError(path, "file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CoderFileError(path, f"not valid JSON ({exc.__class__.__name__}: {exc})") from None
+
+
+def coder_state(coder: SparseCoder) -> dict[str, Tensor]:
+    """The coder's tensors by name (parameters and buffers)."""
+    return {k: v for k, v in coder.state_dict().items()}
+
+
+def save_coder(coder: SparseCoder, folder: str | os.PathLike[str],
+               training: dict[str, Any] | None = None) -> Path:
+    """Save a coder into ``folder`` (replaced whole, atomically). Returns the folder."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        digest = write_tensors(tmp / WEIGHTS_NAME, coder_state(coder), metadata={"format": FORMAT})
+        write_json(tmp / CONFIG_NAME, {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config_to_dict(coder.cfg),
+            "weights_sha256": digest,
+            "training": training or {},
+        })
+    return folder
+
+
+def resolve_coder_folder(path: str | os.PathLike[str]) -> Path:
+    """Accept the folder itself or either of its two files."""
+    p = Path(path)
+    if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME):
+        return p.parent
+    if p.is_dir():
+        return p
+    if not p.exists():
+        raise CoderFileError(p, "no such file or folder")
+    raise CoderFileError(p, f"expected a coder folder (with {CONFIG_NAME} and {WEIGHTS_NAME})")
+
+
+def read_coder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked contents of a coder's ``config.json``."""
+    folder = resolve_coder_folder(path)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        if (folder / "cfg.json").is_file():
+            raise CoderFileError(folder, "this is a SAELens folder (cfg.json), not a mechfaith coder")
+        raise CoderFileError(folder, f"no {CONFIG_NAME}: not a mechfaith coder folder")
+    meta = read_json(cfg_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CoderFileError(cfg_path, f"not a mechfaith coder (format is not {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CoderFileError(cfg_path, f"format version {version!r} is not supported "
+                                       f"(this mechfaith reads version {FORMAT_VERSION})")
+    return meta
+
+
+def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> SparseCoder:
+    """Load a coder saved by :func:`save_coder`; damage of any kind raises :class:`CoderFileError`."""
+    folder = resolve_coder_folder(path)
+    meta = read_coder_meta(folder)
+    try:
+        cfg = config_from_dict(CoderConfig, meta.get("config", {}))
+    except ConfigError as exc:
+        raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
+    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta.get("weights_sha256"))
+    coder = SparseCoder(cfg)
+    expected = coder.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CoderFileError(folder / WEIGHTS_NAME, f"tensors do not match the config "
+                                                    f"(missing: {missing or '-'}, unexpected: {extra or '-'})")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
+                                                        f"the config implies {tuple(expected[name].shape)}")
+    coder.load_state_dict(tensors)
+    return coder.to(map_location)

@@ -1,0 +1,1 @@
+"""Training sparse coders on any stream of (input, target) batches."""
