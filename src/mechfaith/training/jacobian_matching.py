@@ -51,6 +51,7 @@ class JacobianMatch:
     loss: Tensor  # scalar, mean over batch and probes of ||J_ref v - J_coder v||^2 (differentiable)
     out: CoderOutput  # the coder's forward pass at x (reuse it for the reconstruction loss)
     ref_jv_sq: Tensor  # scalar, mean ||J_ref v||^2 (for the relative error), no grad
+    ref_y: Tensor | None = None  # [batch, d_out] reference(x), the jvp's primal (a free target), no grad
 
 
 def jacobian_matching(coder: SparseCoder, reference: Reference, x: Tensor, n_probes: int = 1,
@@ -59,8 +60,8 @@ def jacobian_matching(coder: SparseCoder, reference: Reference, x: Tensor, n_pro
     """The coder's forward pass at ``x`` [batch, d_in] together with the Jacobian-matching term."""
     if v is None:
         v = sample_probes(x, n_probes, generator)
-    _, ref_jv = reference_jvp(reference, x, v)
+    ref_y, ref_jv = reference_jvp(reference, x, v)
     out, coder_jv = coder.forward_with_jvp(x, v)
     diff = coder_jv - ref_jv
     loss = diff.pow(2).sum(dim=-1).mean()
-    return JacobianMatch(loss, out, ref_jv.pow(2).sum(dim=-1).mean())
+    return JacobianMatch(loss, out, ref_jv.pow(2).sum(dim=-1).mean(), ref_y)
