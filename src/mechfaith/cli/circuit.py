@@ -1,0 +1,104 @@
+"""``mechfaith circuit``: the circuit of one feature (or logit) on one prompt.
+
+Records the linearised replacement model on the prompt (attention patterns and norm scales frozen,
+transcoders at the given layers, their errors as nodes), runs the greedy path search from the root,
+merges the paths into a graph and writes into --out: ``paths.txt`` (one path a line),
+``graph.json`` (nodes, edges, error nodes, statistics), ``graph.html`` (the viewer) and
+``circuit.json`` (root value, error shares, timings). Prints the top paths and the error share.
+
+The root is ``--feature`` (``mlp8tc[355]@37``, or ``8:355`` with ``--position``) or ``--logit``
+(a token id, a one-token text, or ``top`` for the model's top prediction at ``--position``;
+``--minus`` makes it a logit difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from mechfaith.errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("circuit", help="paths and graph of one feature or logit on a prompt",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
+                   help="transcoder folders (mechfaith, SAELens or GPT-2 .pt); LAYER= when the file "
+                        "does not say its layer")
+    p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+    p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
+    root = p.add_mutually_exclusive_group(required=True)
+    root.add_argument("--feature", help="root feature: mlp8tc[355]@37 or LAYER:INDEX (with --position)")
+    root.add_argument("--logit", help="root logit: token id, one-token text, or 'top'")
+    p.add_argument("--minus", default=None, help="subtract this token's logit (logit difference)")
+    p.add_argument("--position", type=int, default=-1, help="token position of the root (negative: from the end)")
+    p.add_argument("--depth", type=int, default=3, help="path length")
+    p.add_argument("--beam", type=int, default=15, help="paths kept at each depth")
+    p.add_argument("--per-node", type=int, default=0, help="at most this many children per node and depth (0: any)")
+    p.add_argument("--min-abs", type=float, default=0.0, help="ignore children with smaller |attribution|")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="circuit", help="output folder")
+    p.add_argument("--show", type=int, default=15, help="paths printed")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mechfaith.atomic import write_text_atomic
+    from mechfaith.circuits.attribution import Attributor
+    from mechfaith.circuits.graph import build_graph, write_graph
+    from mechfaith.circuits.nodes import Node, parse_node
+    from mechfaith.circuits.replacement import record_run
+    from mechfaith.circuits.search import SearchConfig, search_paths
+    from mechfaith.circuits.session import meta_of, open_session, resolve_pos
+    from mechfaith.coders.files import write_json
+    from mechfaith.reports.graph_viewer import write_graph_html
+
+    cfg = SearchConfig(depth=args.depth, beam=args.beam, per_node=args.per_node, min_abs=args.min_abs)
+    t0 = time.perf_counter()
+    session = open_session(args.model, args.coders, args.device)
+    ids = session.tokenize(args.prompt)
+    seq = int(ids.shape[0])
+    strings = [session.token_str(int(t)) for t in ids]
+    t1 = time.perf_counter()
+    run_ = record_run(session.lm.model, ids, session.transcoders, token_strings=strings)
+    at = Attributor(run_)
+    if args.feature:
+        m = re.match(r"^\s*(\d+)\s*:\s*(\d+)\s*$", args.feature)
+        if m:
+            root = Node("feature", resolve_pos(args.position, seq), int(m[1]), int(m[2]))
+        else:
+            node = parse_node(args.feature)
+            if node.kind != "feature":
+                raise ConfigError(f"--feature takes a feature (mlp8tc[355]@37), not {args.feature!r}")
+            root = Node("feature", resolve_pos(node.pos, seq), node.layer, node.index)
+    else:
+        pos = resolve_pos(args.position, seq)
+        tok = int(run_.logits[pos].argmax()) if args.logit == "top" else session.token_id(args.logit)
+        minus = session.token_id(args.minus) if args.minus is not None else -1
+        root = Node("logit", pos, -1, tok, minus)
+    result = search_paths(at, root, cfg)
+    t2 = time.perf_counter()
+    graph = build_graph(result, n_layers=run_.n_layers, tokens=ids.tolist(), token_strings=strings,
+                        meta={**meta_of(session), "prompt": args.prompt})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_graph(out / "graph.json", graph)
+    write_graph_html(graph, out / "graph.html", title=f"{root.name} on {args.prompt[:60]!r}")
+    write_text_atomic(out / "paths.txt", "".join(f"{p}\n" for p in result.paths))
+    stats = graph["stats"]
+    summary = {"root": root.name, "root_value": result.root_value, "n_tokens": seq,
+               "transcoder_error_norms": run_.error_norms(), "stats": stats,
+               "seconds": {"load": t1 - t0, "record_and_search": t2 - t1}, **meta_of(session)}
+    write_json(out / "circuit.json", summary)
+    print(f"root {root.name} ({strings[root.pos]!r}) = {result.root_value:.4g}")
+    for p in result.paths[: args.show]:
+        print(f"  {p}")
+    print(f"graph: {int(stats['n_nodes'])} nodes, {len(graph['edges'])} edges; error share "
+          f"{stats['graph_error_share']:.3f} (root {stats.get('root_error_share', float('nan')):.3f}), "
+          f"bias {stats['bias_share']:.3f}, pruned {stats['pruned_share']:.3f}")
+    print(f"wrote {out / 'graph.json'}, {out / 'graph.html'}, {out / 'paths.txt'}, {out / 'circuit.json'}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,72 @@
+"""``mechfaith dashboard``: static HTML dashboards of transcoder features.
+
+For each feature (``--features 8:355,8:12``, or ``8:top20`` for the 20 densest features of layer 8
+on the contexts) one page: activation density and histogram, examples in activation bands with
+tokens shaded by activation, top de-embedding tokens, top logit effects, top pullbacks from the
+previous transcoder layer; plus ``index.html`` over all of them, in --out. The examples come from the
+held-out (validation) contexts of the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from mechfaith.errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("dashboard", help="HTML dashboards of transcoder features",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH", help="transcoder folders")
+    p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+    p.add_argument("--features", required=True, help="LAYER:INDEX,... or LAYER:topN (densest N)")
+    p.add_argument("--corpus-source", default="shakespeare", help="corpus (see mechfaith lm)")
+    p.add_argument("--context-length", type=int, default=64, help="tokens per context")
+    p.add_argument("--contexts", type=int, default=128, help="contexts scanned for examples")
+    p.add_argument("--k", type=int, default=10, help="rows of each top-k table")
+    p.add_argument("--per-band", type=int, default=5, help="examples per activation band")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="dashboards", help="output folder")
+    p.set_defaults(func=run)
+
+
+def parse_features(text: str) -> list[tuple[int, str]]:
+    items = []
+    for part in text.split(","):
+        m = re.match(r"^\s*(\d+)\s*:\s*(\d+|top\d+)\s*$", part)
+        if not m:
+            raise ConfigError(f"cannot read feature {part!r}; expected LAYER:INDEX or LAYER:topN")
+        items.append((int(m[1]), m[2]))
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    from mechfaith.circuits.dashboard_data import collect_activations, feature_dashboards
+    from mechfaith.circuits.session import open_session
+    from mechfaith.lm.corpus import CorpusConfig
+    from mechfaith.lm.pipeline import eval_contexts
+    from mechfaith.reports.dashboard import write_dashboards
+
+    session = open_session(args.model, args.coders, args.device)
+    contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source,
+                                                             context_length=args.context_length), args.contexts)
+    features: list[tuple[int, int]] = []
+    for layer, what in parse_features(args.features):
+        if layer not in session.transcoders:
+            raise ConfigError(f"no transcoder for layer {layer} (have {sorted(session.transcoders)})")
+        if what.startswith("top"):
+            tc = session.transcoders[layer]
+            n = int(what[3:])
+            a = collect_activations(session.lm.model, tc, contexts, range(tc.coder.n_latents))
+            dens = (a[:, 1:] > 0).float().mean((0, 1))
+            del a
+            features += [(layer, int(i)) for i in dens.topk(min(n, len(dens))).indices]
+        else:
+            features.append((layer, int(what)))
+    ds = feature_dashboards(session.lm.model, session.transcoders, contexts, features, session.token_str,
+                            k=args.k, per_band=args.per_band)
+    paths = write_dashboards(ds, Path(args.out), title=f"Features of {session.lm.name} ({where})")
+    print(f"wrote {len(paths) - 1} feature pages and {paths[0]}")
+    return 0
