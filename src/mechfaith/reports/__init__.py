@@ -1,0 +1,1 @@
+"""Reports: matplotlib figures (``plots``) and the toy report builder (``toy_report``)."""
