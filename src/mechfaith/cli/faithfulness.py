@@ -1,0 +1,150 @@
+"""``mechfaith faithfulness``: how faithfully a transcoder imitates the MLP it replaces.
+
+- ``report CODER``: for a trained transcoder of a language-model MLP (a run folder or coder folder
+  written by ``mechfaith lm train``), measure on held-out tokens: the Jacobian relative error
+  (JVP estimate with its standard error; BOS vs other positions), the singular-value spectra of
+  the exact Jacobians, datapoint features (optionally on a sample with a planted repeated
+  passage), the error off distribution (shuffled tokens, another text, noise) and gradient-masking
+  signs. Writes ``faithfulness.json`` and a self-contained ``report.html`` into --out (default:
+  ``RUN/faithfulness/`` beside the coder).
+
+Config file sections: [faithfulness], [datapoints], [masking], [lm_faithfulness].
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from mechfaith.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("faithfulness", "datapoints", "masking", "lm_faithfulness")
+
+
+def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
+    return any(flag in a.option_strings for a in parser._actions)
+
+
+def add_parser(subparsers) -> None:
+    from mechfaith.cli.dataclass_args import add_dataclass_args
+    from mechfaith.faithfulness.datapoints import DatapointConfig
+    from mechfaith.faithfulness.masking import MaskingConfig
+    from mechfaith.faithfulness.report import FaithfulnessConfig
+    from mechfaith.lm.faithfulness import LMFaithfulnessConfig
+
+    top = subparsers.add_parser("faithfulness", help="mechanistic faithfulness of a transcoder to its MLP",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="faithfulness_command", metavar="{report}")
+    sub.required = True
+    p = sub.add_parser("report", help="faithfulness report (JSON + HTML) of a trained LM transcoder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("coder", help="run folder or coder folder (from mechfaith lm train), or a SAELens folder")
+    p.add_argument("--out", default=None, help="output folder (default: faithfulness/ beside the coder)")
+    p.add_argument("--config", default=None, help="TOML or YAML file with sections " + ", ".join(f"[{s}]" for s in SECTIONS))
+    p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
+    p.add_argument("--corpus-source", default=None, help="text source (default: the coder's corpus)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the model's weights")
+    if not _has_option(p, "--quiet"):
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress")
+    add_dataclass_args(p.add_argument_group("measurements"), FaithfulnessConfig,
+                       exclude={"datapoints", "masking"})
+    add_dataclass_args(p.add_argument_group("tokens"), LMFaithfulnessConfig)
+    add_dataclass_args(p.add_argument_group("datapoint detector"), DatapointConfig, prefix="dp-")
+    add_dataclass_args(p.add_argument_group("gradient-masking detector"), MaskingConfig, prefix="masking-")
+    p.set_defaults(func=run, faithfulness_func=_run_report)
+
+
+def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    if not getattr(args, "config", None):
+        return {s: {} for s in SECTIONS}
+    from mechfaith.cli.dataclass_args import load_config_file
+
+    data = load_config_file(args.config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; expected {', '.join(SECTIONS)}")
+    out = {}
+    for s in SECTIONS:
+        sec = data.get(s) or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{args.config}: section [{s}] must be a mapping")
+        out[s] = sec
+    return out
+
+
+def configs(args: argparse.Namespace):
+    """(FaithfulnessConfig, LMFaithfulnessConfig) from defaults < config file < flags."""
+    from mechfaith.cli.dataclass_args import dataclass_from_args
+    from mechfaith.faithfulness.datapoints import DatapointConfig
+    from mechfaith.faithfulness.masking import MaskingConfig
+    from mechfaith.faithfulness.report import FaithfulnessConfig
+    from mechfaith.lm.faithfulness import LMFaithfulnessConfig
+
+    files = _file_sections(args)
+    dp = dataclass_from_args(DatapointConfig, args, prefix="dp-", file_values=files["datapoints"])
+    mk = dataclass_from_args(MaskingConfig, args, prefix="masking-", file_values=files["masking"])
+    fvals = {k: v for k, v in files["faithfulness"].items() if k not in ("datapoints", "masking")}
+    fcfg = dataclass_from_args(FaithfulnessConfig, args, file_values=fvals)
+    fcfg = dataclasses.replace(fcfg, datapoints=dp, masking=mk)
+    lcfg = dataclass_from_args(LMFaithfulnessConfig, args, file_values=files["lm_faithfulness"])
+    return fcfg, lcfg
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.faithfulness_func(args) or 0)
+
+
+def _fmt(v: Any, se: Any = None) -> str:
+    if v is None:
+        return "n/a"
+    s = f"{v:.4g}"
+    return s + (f" ± {se:.2g}" if se is not None else "")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from mechfaith.configs import config_from_dict
+    from mechfaith.lm.corpus import CorpusConfig
+    from mechfaith.lm.faithfulness import lm_faithfulness
+    from mechfaith.lm.pipeline import LMConfig, open_coder
+    from mechfaith.reports.faithfulness_report import write_faithfulness_html
+
+    fcfg, lcfg = configs(args)
+    base = LMConfig()
+    lm_cfg = dataclasses.replace(base, model=args.model or base.model,
+                                 layer=args.layer if args.layer is not None else base.layer,
+                                 device=args.device, dtype=args.dtype)
+    corpus_cfg = None
+    if args.corpus_source:
+        ref = open_coder(args.coder)
+        data = dict(ref.corpus or {})
+        data["source"] = args.corpus_source
+        corpus_cfg = config_from_dict(CorpusConfig, data)
+    rep = lm_faithfulness(args.coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=args.out,
+                          model_given=args.model is not None, layer_given=args.layer is not None,
+                          progress=not getattr(args, "quiet", False))
+    folder = Path(rep["path"]).parent
+    lm = rep["lm"]
+    write_faithfulness_html(rep, folder / "report.html",
+                            f"Faithfulness of a transcoder of {lm['model']} layer {lm['layer']}")
+    jac = rep["jacobian"]
+    print(f"Jacobian relative error: all {_fmt(jac['all']['rel_error'], jac['all']['rel_error_se'])}, "
+          f"BOS {_fmt(jac['bos']['rel_error'], jac['bos']['rel_error_se'])}, "
+          f"other {_fmt(jac['other']['rel_error'], jac['other']['rel_error_se'])}")
+    print(f"FVE {_fmt(rep['fidelity']['other']['fve'])}, L0 {_fmt(rep['fidelity']['other']['l0'])} (non-BOS); "
+          f"datapoint features flagged: {rep['datapoints']['n_flagged']}; "
+          f"masking features flagged: {rep['masking']['n_flagged']}")
+    ratios = ", ".join(f"{n} {_fmt(s['rel_error_ratio'])}" for n, s in rep["offdist"]["sets"].items()
+                       if n != "on_distribution")
+    print(f"off-distribution error ratios: {ratios}")
+    print(f"wrote {folder / 'faithfulness.json'} and {folder / 'report.html'} ({rep['seconds']:.0f} s)")
+    return 0
