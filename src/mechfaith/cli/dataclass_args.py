@@ -1,0 +1,109 @@
+"""Documented dataclass configs as command-line options, plus TOML/YAML config files.
+
+Each field becomes ``--<prefix><field-name-with-dashes>``; its help is the field's ``doc()`` text,
+its choices come from ``doc(choices=...)``, and booleans get ``--flag/--no-flag``. Options default to
+None ("not given"), so :func:`dataclass_from_args` can layer the values:
+built-in defaults < config file < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mechfaith.configs import _base_type, coerce_value
+from mechfaith.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _dest(prefix: str, name: str) -> str:
+    return (prefix + name).replace("-", "_")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return f" (default: {f.default})"
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f" (default: {f.default_factory()})"  # type: ignore[misc]
+    return " (required)"
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
+                       exclude: typing.AbstractSet[str] = frozenset()) -> None:
+    """Add one option per field of dataclass ``cls`` to ``parser`` (a parser or argument group)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        tp, _ = _base_type(hints[f.name])
+        help_text = (str(f.metadata.get("help", "")) + _default_text(f)).replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name), "default": None, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                kwargs["choices"] = list(choices)
+            kwargs["metavar"] = {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE")
+            if choices is not None:
+                kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+        parser.add_argument(flag, **kwargs)
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, *, prefix: str = "",
+                        file_values: dict[str, Any] | None = None) -> T:
+    """Build ``cls``: built-in defaults < ``file_values`` < options given on the command line."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{cls.__name__}: unknown option {key!r} in the config file")
+        values[name] = value
+    for name in fields:
+        given = getattr(args, _dest(prefix, name), None)
+        if given is not None:
+            values[name] = given
+    checked = {k: coerce_value(cls, fields[k], v) for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config file type {suffix!r} (use .toml, .yaml or .json)")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parser errors of three libraries: report the first line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not a valid {suffix[1:].upper()} file ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values at the top level")
+    return data
