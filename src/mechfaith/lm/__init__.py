@@ -13,4 +13,7 @@ Modules (import them directly; none imports transformers at import time except t
 - ``splice`` / ``fidelity``: replace MLP outputs by coders (always restored); CE / KL / loss
   recovered / FVE / L0 / dead and dense latents.
 - ``formats``: SAELens export/import; the released GPT-2 transcoders via a restricted unpickler.
+- ``pipeline``: collect -> train (foundation trainer, optional Jacobian matching against the real
+  MLP) -> eval, each writing a JSON next to its artefacts (what ``mechfaith lm`` runs).
+- ``sweep``: SAEs and transcoders over sparsity settings at one layer; L0 vs spliced-CE figure.
 """

@@ -5,7 +5,7 @@ SAELens layout (a folder with ``cfg.json`` and ``sae_weights.safetensors``):
     [d_sae] for JumpReLU; ``W_skip`` [d_out, d_in] (transposed w.r.t. ours) for skip transcoders.
     ``cfg.json`` (SAELens v6 style) holds ``architecture`` (standard / topk / jumprelu / transcoder /
     skip_transcoder / jumprelu_transcoder; TopK transcoders, which SAELens lacks, are written as
-    ``topk_transcoder``), ``d_in``, ``d_sae``, ``d_out``, ``k``, ``apply_b_dec_to_input`` (false),
+    ``topk_transcoder`` / ``topk_skip_transcoder``), ``d_in``, ``d_sae``, ``d_out``, ``k``, ``apply_b_dec_to_input`` (false),
     ``normalize_activations`` ("none") and ``metadata`` with ``hook_name`` / ``hook_name_out``
     (TransformerLens names) plus a ``mechfaith`` entry holding our exact config and sites, which
     makes export -> import lossless. Importing also reads flat pre-v6 configs
@@ -93,6 +93,8 @@ def parse_hook(name: str | None) -> tuple[int | None, str | None]:
 def _saelens_architecture(cfg: CoderConfig) -> str:
     tc = cfg.kind == "transcoder"
     if cfg.skip:
+        if cfg.activation == "topk" and tc:
+            return "topk_skip_transcoder"  # not in SAELens; mechfaith reads it back losslessly
         if cfg.activation != "relu" or not tc:
             raise ConfigError(f"SAELens has no {cfg.activation} coder with a skip connection "
                               f"(only ReLU skip transcoders)")
@@ -121,7 +123,7 @@ def export_saelens(coder: SparseCoder, folder: str | os.PathLike[str], *, layer:
         if theta < 0:
             raise ConfigError("this BatchTopK coder has no inference threshold yet (train it first)")
         tensors["threshold"] = torch.full((cfg.n_latents,), theta)
-    if arch.startswith("topk_transcoder"):
+    if arch.startswith("topk_"):
         log.warning("SAELens has no TopK transcoder; writing architecture 'topk_transcoder' "
                     "(readable by mechfaith, not by SAELens)")
     hook_in = f"blocks.{layer}.{_SITE_TO_HOOK.get(input_site, input_site)}" if layer is not None else ""
@@ -187,7 +189,8 @@ def import_saelens(folder: str | os.PathLike[str]) -> ImportedCoder:
         kwargs = raw.get("activation_fn_kwargs") or {}
         k = raw.get("k", kwargs.get("k", 32))
         activation = {"standard": "relu", "transcoder": "relu", "skip_transcoder": "relu",
-                      "topk": "topk", "topk_transcoder": "topk", "batchtopk": "jumprelu",
+                      "topk": "topk", "topk_transcoder": "topk", "topk_skip_transcoder": "topk",
+                      "batchtopk": "jumprelu",
                       "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu"}.get(arch)
         if activation is None:
             raise CoderFileError(cfg_path, f"SAELens architecture {arch!r} is not supported")

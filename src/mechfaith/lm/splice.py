@@ -22,7 +22,9 @@ from mechfaith.lm.adapters import ModelAdapter, get_adapter, hooks_removed_after
 Coder = Callable[[Tensor], Tensor]  # a SparseCoder or any function [..., d_in] -> [..., d_out]
 Recorder = Callable[[int, Tensor, Tensor], None]  # (layer, coder input, coder output)
 
-SPLICE_INPUT_SITES = ("mlp_in", "mlp_in_normalized", "resid_pre")
+SPLICE_INPUT_SITES = ("mlp_in", "mlp_in_normalized", "resid_pre", "mlp_out")
+# input_site "mlp_out": the coder is an SAE of the MLP output (it reads the MLP's own output and
+# replaces it with its reconstruction)
 SPLICE_OUTPUT_SITES = ("mlp_out", "mlp_out_centered")
 
 
@@ -76,6 +78,21 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
                     y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
                 return y_hat
 
+            if input_site == "mlp_out":
+                def sae_replace(y: Tensor, coder: Coder = coder, layer: int = layer) -> Tensor:
+                    x = y - y.mean(dim=-1, keepdim=True) if output_site == "mlp_out_centered" else y
+                    y_hat = coder(x.to(_param_dtype(coder, x.dtype)))
+                    if y_hat.shape != y.shape:
+                        raise ConfigError(f"the coder of layer {layer} returned shape {tuple(y_hat.shape)}; "
+                                          f"the MLP output has shape {tuple(y.shape)}")
+                    if record is not None:
+                        record(layer, x, y_hat)
+                    y_hat = y_hat.to(y.dtype)
+                    if keep_bos:
+                        y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
+                    return y_hat
+                handles.append(adapter.replace_mlp_out(layer, sae_replace))
+                continue
             handles.extend(adapter.hook_site(layer, input_site, grab))
             handles.append(adapter.replace_mlp_out(layer, replace))
         yield adapter

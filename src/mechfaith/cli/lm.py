@@ -1,0 +1,339 @@
+"""``mechfaith lm``: sparse coders of language-model MLPs (collect | train | eval | sweep | export | import).
+
+Every command writes its results as JSON next to its artefacts:
+
+- ``collect``: activation cache folder (--out) with ``collect.json`` inside.
+- ``train``: run folder (--out) with ``coder/`` (mechfaith coder), ``train.json``, ``metrics.jsonl``,
+  ``checkpoint/`` and, unless --activations is given, the ``activations/`` cache it collected.
+- ``eval``: ``eval.json`` beside the coder folder (in its run folder) or --out.
+- ``sweep``: sweep folder (--out) with ``runs/``, ``sweep.json`` and ``sweep.png``.
+- ``export`` / ``import``: SAELens folders; ``import`` also reads the released GPT-2 transcoders
+  (``.pt``, through a restricted unpickler) and writes a mechfaith coder folder.
+
+Defaults (offline): SmolLM2-135M, its middle layer (15), Shakespeare, a TopK (k=64) transcoder with a
+linear skip (least-squares initialised), 4608 latents, Adam lr 5e-4, BOS excluded from training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_file
+from mechfaith.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("lm", "corpus", "coder", "train")
+DEFAULT_SWEEP_VALUES = "16,32,64,128"
+SWEEP_TRAIN_DEFAULTS = {"n_steps": 150}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (dataclass options state their own default in their help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _set_default_help(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Make the help of options whose LM default differs from the dataclass's show the LM default."""
+    import re
+
+    for action in p._actions:
+        if action.dest in defaults and action.help:
+            action.help = re.sub(r"\(default: [^)]*\)", f"(default: {defaults[action.dest]})", action.help)
+
+
+def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
+    return any(flag in a.option_strings for a in parser._actions)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="TOML or YAML file with sections [lm], [corpus], [coder], [train]")
+    if not _has_option(p, "--quiet"):
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress bars")
+
+
+def _add_lm_args(p: argparse.ArgumentParser, *, coder: bool, train: bool) -> None:
+    from mechfaith.lm.corpus import CorpusConfig
+    from mechfaith.lm.pipeline import LMCoderConfig, LMConfig
+    from mechfaith.training.config import TrainConfig
+
+    add_dataclass_args(p.add_argument_group("model and data"), LMConfig)
+    add_dataclass_args(p.add_argument_group("corpus"), CorpusConfig, prefix="corpus-")
+    if coder:
+        add_dataclass_args(p.add_argument_group("coder"), LMCoderConfig)
+    if train:
+        add_dataclass_args(p.add_argument_group("training"), TrainConfig, exclude={"device"})
+
+
+def _lm_train_defaults() -> dict[str, Any]:
+    from mechfaith.lm.pipeline import LM_TRAIN_DEFAULTS
+
+    return dict(LM_TRAIN_DEFAULTS)
+
+
+def add_parser(subparsers) -> None:
+    lm = subparsers.add_parser("lm", help="transcoders / SAEs of language-model MLPs",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = lm.add_subparsers(dest="lm_command", metavar="{collect,train,eval,sweep,export,import}")
+    sub.required = True
+    fmt = _Formatter
+
+    p = sub.add_parser("collect", help="collect MLP input/output activations into a cache folder",
+                       formatter_class=fmt)
+    p.add_argument("--out", default="lm-activations", help="cache folder (replaced whole)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layers collected in one pass (default: --layer)")
+    _common(p)
+    _add_lm_args(p, coder=False, train=False)
+    p.set_defaults(func=run, lm_func=_run_collect)
+
+    p = sub.add_parser("train", help="train a transcoder (or SAE) of one layer's MLP", formatter_class=fmt)
+    p.add_argument("--out", default="lm-run", help="run folder (coder/, train.json, metrics.jsonl, ...)")
+    p.add_argument("--activations", default=None,
+                   help="train from this activation cache (default: collect into OUT/activations)")
+    p.add_argument("--sae-site", default="input", choices=("input", "output"),
+                   help="for --kind sae: reconstruct the cached input or output site")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
+    _common(p)
+    _add_lm_args(p, coder=True, train=True)
+    _set_default_help(p, _lm_train_defaults())
+    p.set_defaults(func=run, lm_func=_run_train)
+
+    p = sub.add_parser("eval", help="splice a trained coder into its model on held-out text",
+                       formatter_class=fmt)
+    p.add_argument("coder", help="run folder, coder folder, SAELens folder or legacy GPT-2 transcoder .pt")
+    p.add_argument("--out", default=None, help="result JSON (default: eval.json beside the coder folder)")
+    p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
+    p.add_argument("--eval-contexts", type=int, default=None, help="held-out contexts (default 64)")
+    p.add_argument("--batch-contexts", type=int, default=None, help="contexts per forward pass (default 32)")
+    p.add_argument("--corpus-source", default=None, help="text source (default: the coder's corpus)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the model's weights")
+    p.add_argument("--keep-bos", action="store_true",
+                   help="keep the model's own MLP output at BOS when splicing")
+    p.add_argument("--include-bos", action="store_true",
+                   help="include BOS in FVE / L0 statistics (default: reported separately)")
+    if not _has_option(p, "--quiet"):
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress bars")
+    p.set_defaults(func=run, lm_func=_run_eval)
+
+    p = sub.add_parser("sweep", help="SAEs and transcoders over several sparsity settings; L0 vs CE plot",
+                       formatter_class=fmt)
+    p.add_argument("--out", default="lm-sweep", help="sweep folder (runs/, sweep.json, sweep.png)")
+    p.add_argument("--values", default=None,
+                   help=f"sparsity settings: k for topk/batchtopk (default {DEFAULT_SWEEP_VALUES}), "
+                        f"else sparsity coefficients (required)")
+    p.add_argument("--kinds", default="transcoder,sae", help="which coders: transcoder, sae or both")
+    p.add_argument("--activations", default=None, help="use this activation cache")
+    _common(p)
+    _add_lm_args(p, coder=True, train=True)
+    _set_default_help(p, {**_lm_train_defaults(), **SWEEP_TRAIN_DEFAULTS})
+    p.set_defaults(func=run, lm_func=_run_sweep)
+
+    p = sub.add_parser("export", help="write a coder as a SAELens folder", formatter_class=fmt)
+    p.add_argument("coder", help="run folder or mechfaith coder folder")
+    p.add_argument("--out", required=True, help="SAELens folder to write")
+    p.set_defaults(func=run, lm_func=_run_export)
+
+    p = sub.add_parser("import", help="read a SAELens folder or a released GPT-2 transcoder (.pt)",
+                       formatter_class=fmt)
+    p.add_argument("source", help="SAELens folder (cfg.json + sae_weights.safetensors) or .pt file")
+    p.add_argument("--out", required=True, help="mechfaith coder folder to write")
+    p.add_argument("--model", default=None, help="model name to record (e.g. gpt2 for the legacy files)")
+    p.set_defaults(func=run, lm_func=_run_import)
+
+
+# ---------------------------------------------------------------------- building configs
+def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    if not getattr(args, "config", None):
+        return {s: {} for s in SECTIONS}
+    data = load_config_file(args.config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; "
+                          f"expected {', '.join(SECTIONS)}")
+    out = {}
+    for s in SECTIONS:
+        sec = data.get(s) or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{args.config}: section [{s}] must be a mapping")
+        out[s] = sec
+    return out
+
+
+def _configs(args: argparse.Namespace, *, coder: bool, train: bool, train_defaults: dict | None = None):
+    from mechfaith.lm.corpus import CorpusConfig
+    from mechfaith.lm.pipeline import LM_TRAIN_DEFAULTS, LMCoderConfig, LMConfig
+    from mechfaith.training.config import TrainConfig
+
+    files = _file_sections(args)
+    lm_cfg = dataclass_from_args(LMConfig, args, file_values=files["lm"])
+    corpus_cfg = dataclass_from_args(CorpusConfig, args, prefix="corpus-", file_values=files["corpus"])
+    coder_cfg = dataclass_from_args(LMCoderConfig, args, file_values=files["coder"]) if coder else None
+    train_cfg = None
+    if train:
+        tvals = {**LM_TRAIN_DEFAULTS, **(train_defaults or {}), **files["train"]}
+        train_cfg = dataclass_from_args(TrainConfig, args, file_values=tvals)
+    return lm_cfg, corpus_cfg, coder_cfg, train_cfg
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not bool(getattr(args, "quiet", False))
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------- commands
+def run(args: argparse.Namespace) -> int:
+    return int(args.lm_func(args) or 0)
+
+
+def _run_collect(args: argparse.Namespace) -> int:
+    from mechfaith.lm.pipeline import collect
+
+    lm_cfg, corpus_cfg, _, _ = _configs(args, coder=False, train=False)
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(v) for v in args.layers.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+    s = collect(lm_cfg, corpus_cfg, args.out, layers=layers, progress=_progress(args))
+    print(f"collected {s['n_tokens']} tokens x layers {s['layers']} of {s['model']} "
+          f"({s['input_site']} -> {s['output_site']}) in {s['seconds']:.0f} s "
+          f"({s['tokens_per_second']:.0f} tok/s) into {args.out}")
+    return 0
+
+
+def _print_eval(e: dict[str, Any]) -> None:
+    print(f"eval {e['model']} layer {e['layer']} on {e['eval_tokens']} held-out tokens "
+          f"({e['eval_source']}):")
+    print(f"  FVE {_fmt(e['fve'])}  L0 {_fmt(e['l0'], '.1f')} (BOS {_fmt(e['l0_bos'], '.1f')})  "
+          f"dead {_fmt(e['dead_fraction'], '.3f')}  dense {_fmt(e['dense_fraction'], '.3f')}")
+    if e["ce_clean"] is not None:
+        print(f"  CE clean {e['ce_clean']:.4f}  spliced {e['ce_spliced']:.4f} ({e['ce_increase']:+.4f})  "
+              f"zero-ablated {e['ce_zero_ablated']:.4f}  mean-ablated {e['ce_mean_ablated']:.4f}")
+        print(f"  loss recovered {100 * e['loss_recovered_zero']:.1f}% (vs zero-ablation), "
+              f"{100 * e['loss_recovered_mean']:.1f}% (vs mean-ablation); KL spliced {e['kl_spliced']:.4f}, "
+              f"zero-ablated {e['kl_zero_ablated']:.4f}")
+    else:
+        print(f"  final hidden states: relative error spliced {e['hidden_rel_error_spliced']:.4f}, "
+              f"zero-ablated {e['hidden_rel_error_zero_ablated']:.4f}")
+    print(f"  wrote {e['path']} ({e['seconds']:.0f} s)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from mechfaith.lm.pipeline import evaluate, train_coder
+
+    lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True)
+    s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
+                    sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
+    m = s["final_train_metrics"]
+    print(f"trained {s['coder_config']['kind']} of {s['model']} layer {s['layer']}: {s['steps']} steps, "
+          f"{s['tokens']} tokens ({s['unique_tokens']} unique, {s['epochs']:.2f} epochs); "
+          f"train FVE {_fmt(m.get('fve'))}, L0 {_fmt(m.get('l0'), '.1f')}, dead {_fmt(m.get('dead_frac'), '.3f')}")
+    print(f"  collect {s['collect_seconds']:.0f} s, train {s['train_seconds']:.0f} s, "
+          f"total {s['total_seconds']:.0f} s; wrote {Path(args.out) / 'train.json'}")
+    if args.eval:
+        e = evaluate(Path(args.out), lm_cfg, corpus_cfg, progress=_progress(args))
+        _print_eval(e)
+    sys.stdout.flush()
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mechfaith.configs import config_from_dict
+    from mechfaith.lm.corpus import CorpusConfig
+    from mechfaith.lm.pipeline import LMConfig, evaluate, open_coder
+
+    base = LMConfig()
+    lm_cfg = dataclasses.replace(
+        base, model=args.model or base.model, layer=args.layer if args.layer is not None else base.layer,
+        eval_contexts=args.eval_contexts or base.eval_contexts,
+        batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
+        exclude_bos=not args.include_bos)
+    corpus_cfg = None
+    if args.corpus_source:
+        ref = open_coder(args.coder)
+        data = dict(ref.corpus or {})
+        data["source"] = args.corpus_source
+        corpus_cfg = config_from_dict(CorpusConfig, data)
+    e = evaluate(args.coder, lm_cfg, corpus_cfg, out=args.out, keep_bos=args.keep_bos,
+                 model_given=args.model is not None, layer_given=args.layer is not None,
+                 progress=_progress(args))
+    _print_eval(e)
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from mechfaith.lm.sweep import run_sweep, sweep_param
+
+    lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True,
+                                                        train_defaults=SWEEP_TRAIN_DEFAULTS)
+    param = sweep_param(coder_cfg.activation)
+    raw = args.values or (DEFAULT_SWEEP_VALUES if param == "k" else None)
+    if raw is None:
+        raise ConfigError(f"--values is required for a {coder_cfg.activation} sweep (sparsity coefficients)")
+    try:
+        values = [float(v) for v in raw.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--values must be comma-separated numbers, got {raw!r}") from None
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    r = run_sweep(lm_cfg, corpus_cfg, coder_cfg, train_cfg, values, args.out, kinds=kinds,
+                  activations=args.activations, progress=_progress(args))
+    base = r["baseline"]
+    layer = str(r["layer"])
+    if "ce_clean" in base:
+        print(f"sweep {r['model']} layer {layer}: CE clean {base['ce_clean']:.4f}, mean-ablated "
+              f"{base['ce_mean_ablated'][layer]:.4f}, zero-ablated {base['ce_zero_ablated'][layer]:.4f}")
+    for run_ in r["runs"]:
+        y = run_.get("ce_spliced", run_.get("hidden_rel_error_spliced"))
+        print(f"  {run_['name']:24s} L0 {_fmt(run_['l0'], '7.1f')}  FVE {_fmt(run_['fve'], '.3f')}  "
+              f"{'CE' if 'ce_spliced' in run_ else 'hidden err'} {_fmt(y)}")
+    print(f"wrote {Path(args.out) / 'sweep.json'} and {r['figure']} ({r['total_seconds']:.0f} s)")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from mechfaith.lm.formats import export_saelens
+    from mechfaith.lm.pipeline import open_coder
+
+    ref = open_coder(args.coder)
+    export_saelens(ref.coder, args.out, layer=ref.layer, input_site=ref.input_site or "mlp_in",
+                   output_site=ref.output_site or "mlp_out", model_name=ref.model or "")
+    print(f"wrote SAELens folder {args.out} ({ref.coder.cfg.kind}, layer {ref.layer})")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from mechfaith.coders.files import save_coder
+    from mechfaith.lm.pipeline import _jsonable, open_coder
+
+    src = Path(args.source)
+    if not src.exists():
+        raise ConfigError(f"{src}: no such file or folder")
+    ref = open_coder(src)
+    training = {"source": f"imported from {src}", "model": args.model or ref.model, "layer": ref.layer,
+                "input_site": ref.input_site, "output_site": ref.output_site}
+    save_coder(ref.coder, args.out, training=_jsonable(training))
+    print(f"wrote coder folder {args.out} ({ref.coder.cfg.kind}, {ref.coder.cfg.activation}, "
+          f"{ref.coder.n_latents} latents, layer {ref.layer}, {ref.input_site} -> {ref.output_site})")
+    return 0
