@@ -58,9 +58,15 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if old.exists():
             shutil.rmtree(old)
-        if target.exists():
+        moved = target.exists()
+        if moved:
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if moved and not target.exists():
+                os.replace(old, target)  # put the old folder back under its name
+            raise
         if old.exists():
             shutil.rmtree(old)
     finally:

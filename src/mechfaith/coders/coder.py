@@ -11,6 +11,12 @@ Shapes (SAELens layout, so export is a rename):
 The coder's Jacobian at x is ``J = W_dec^T diag(mask) W_enc^T (+ W_skip^T)`` [d_out, d_in], with
 ``mask = d act / d pre`` (ReLU'(0) = 0). :meth:`SparseCoder.forward_with_jvp` returns ``J v`` next to
 the forward pass, sharing its pre-activations, in closed form; tests check it against autograd.
+
+For training, :meth:`SparseCoder.forward_full` and :meth:`SparseCoder.forward_with_jvp` run through
+a fused autograd function (:mod:`mechfaith.coders.fused`: one matmul for the primal and tangent
+rows, the mask applied in place, fewer [batch, n_latents] temporaries) for every activation but
+JumpReLU; ``coder.fused = False`` selects plain autograd. :meth:`SparseCoder.forward` (what
+``torch.func`` transforms see) is always plain.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from torch import Tensor, nn
 
 from mechfaith.coders import activations as acts
 from mechfaith.coders.config import CoderConfig
+from mechfaith.coders.fused import FusedCoderFn
 from mechfaith.errors import InputError
+
+
+def _is_functorch_tensor(t: Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (the fused path does not support them)."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
 
 
 @dataclass
@@ -53,6 +66,9 @@ class SparseCoder(nn.Module):
                 torch.full((n,), float(torch.log(torch.tensor(cfg.jumprelu_threshold))), dtype=dtype))
         else:
             self.log_threshold = None
+        # Train through the fused forward/backward (coders.fused) in forward_full/forward_with_jvp;
+        # a runtime switch (not saved): False gives plain autograd, e.g. to compare the two.
+        self.fused = True
         # BatchTopK's inference threshold (EMA of the smallest kept activation); -1 = not yet set.
         self.register_buffer("batchtopk_threshold", torch.tensor(-1.0, dtype=dtype))
         self.reset_parameters(generator)
@@ -99,6 +115,23 @@ class SparseCoder(nn.Module):
             raise InputError(f"{name} has shape {tuple(x.shape)}; expected [..., {self.d_in}] (d_in)")
         return x.reshape(-1, self.d_in)
 
+    def check_batch(self, x: Tensor, name: str = "x") -> Tensor:
+        """Raise :class:`InputError` unless ``x`` is a floating tensor [batch, d_in] (2-D)."""
+        self.check_input(x, name)
+        if x.ndim != 2:
+            raise InputError(f"{name} has shape {tuple(x.shape)}; expected [batch, {self.d_in}] (2-D)")
+        return x
+
+    def _check_tangent(self, x: Tensor, v: Tensor) -> None:
+        """Raise :class:`InputError` unless ``v`` is [batch, d_in] or [probes, batch, d_in] like ``x``."""
+        if not isinstance(v, Tensor):
+            raise InputError(f"tangent v must be a torch.Tensor, got {type(v).__name__}")
+        if v.dtype != x.dtype:
+            raise InputError(f"tangent v has dtype {v.dtype}, the input x has {x.dtype}")
+        if v.ndim not in (2, 3) or tuple(v.shape[-2:]) != tuple(x.shape):
+            raise InputError(f"tangent v has shape {tuple(v.shape)}; expected {tuple(x.shape)} "
+                             f"or [n_probes, {x.shape[0]}, {x.shape[1]}] for x of shape {tuple(x.shape)}")
+
     # ------------------------------------------------------------------ pieces
     def threshold(self) -> Tensor:
         """JumpReLU thresholds [n_latents] (exp of the learned log-threshold)."""
@@ -123,16 +156,24 @@ class SparseCoder(nn.Module):
         if self.training or float(self.batchtopk_threshold) < 0:
             f, mask = acts.batchtopk(pre, cfg.k)
             if self.training:
-                with torch.no_grad():
-                    kept = f[mask]
-                    if kept.numel():
-                        low = kept.min().to(self.batchtopk_threshold.dtype)
-                        if float(self.batchtopk_threshold) < 0:
-                            self.batchtopk_threshold.copy_(low)
-                        else:
-                            self.batchtopk_threshold.lerp_(low, cfg.batchtopk_momentum)
+                self._update_batchtopk_threshold(f, mask)
             return f, mask
         return acts.threshold(pre, self.batchtopk_threshold)
+
+    @torch.no_grad()
+    def _update_batchtopk_threshold(self, f: Tensor, mask: Tensor) -> None:
+        """EMA of the smallest kept activation (BatchTopK's inference threshold), without a host sync.
+
+        The first update sets the threshold (it starts at -1, "not set"). Because it writes a buffer,
+        a training-mode BatchTopK forward cannot run inside ``torch.func`` transforms; use eval mode
+        (the threshold) or plain autograd there.
+        """
+        big = torch.finfo(f.dtype).max
+        low = torch.where(mask, f, big).amin().to(self.batchtopk_threshold.dtype)  # +big if none kept
+        thr = self.batchtopk_threshold
+        m = self.cfg.batchtopk_momentum
+        new = torch.where(thr < 0, low, thr + m * (low - thr))
+        self.batchtopk_threshold.copy_(torch.where(low < big, new, thr))
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations [batch, n_latents]."""
@@ -148,8 +189,21 @@ class SparseCoder(nn.Module):
         return y
 
     # ------------------------------------------------------------------ passes
+    def _use_fused(self, x: Tensor) -> bool:
+        """Whether forward_full / forward_with_jvp take the fused path (see :mod:`coders.fused`)."""
+        return (self.fused and self.cfg.activation != "jumprelu" and x.ndim == 2 and x.shape[0] > 0
+                and not _is_functorch_tensor(x) and not _is_functorch_tensor(self.W_enc))
+
+    def _fused(self, x: Tensor, v: Tensor | None) -> tuple[CoderOutput, Tensor]:
+        y_hat, f, pre, mask, jv = FusedCoderFn.apply(
+            x, v, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.W_skip, self.activate,
+            self.cfg.activation == "relu")
+        return CoderOutput(y_hat, f, pre, mask), jv
+
     def forward_full(self, x: Tensor) -> CoderOutput:
         """Forward pass returning every intermediate (x is [batch, d_in])."""
+        if self._use_fused(x):
+            return self._fused(x, None)[0]
         pre = self.encode_pre(x)
         f, mask = self.activate(pre)
         return CoderOutput(self.decode(f, x), f, pre, mask)
@@ -161,7 +215,8 @@ class SparseCoder(nn.Module):
 
     def jvp_from(self, out: CoderOutput, v: Tensor) -> Tensor:
         """``J(x) v`` [batch, d_out] for tangents v [batch, d_in], given the forward pass at x."""
-        t = (v @ self.W_enc) * out.mask
+        # a float mask: multiplying by a bool tensor converts it on every call (several x slower)
+        t = (v @ self.W_enc) * out.mask.to(self.W_enc.dtype)
         jv = t @ self.W_dec
         if self.W_skip is not None:
             jv = torch.addmm(jv, v, self.W_skip)
@@ -172,10 +227,18 @@ class SparseCoder(nn.Module):
 
         ``v`` may also be [n_probes, batch, d_in]; then ``J v`` is [n_probes, batch, d_out].
         """
+        self.check_batch(x)
+        self._check_tangent(x, v)
+        if self._use_fused(x):
+            if v.ndim == 3:
+                p, b, d = v.shape
+                out, jv = self._fused(x, v.reshape(p * b, d))
+                return out, jv.view(p, b, -1)
+            return self._fused(x, v)
         out = self.forward_full(x)
         if v.ndim == 3:
             p, b, d = v.shape
-            mask = out.mask.unsqueeze(0)
+            mask = out.mask.to(self.W_enc.dtype).unsqueeze(0)
             t = (v.reshape(p * b, d) @ self.W_enc).reshape(p, b, -1) * mask
             jv = (t.reshape(p * b, -1) @ self.W_dec).reshape(p, b, -1)
             if self.W_skip is not None:

@@ -29,8 +29,9 @@ def _none(coder: SparseCoder, out: CoderOutput, c: float) -> Tensor:
 
 
 def _l1(coder: SparseCoder, out: CoderOutput, c: float) -> Tensor:
-    # sum_i f_i ||W_dec,i|| == f @ norms; a matrix-vector product, no [batch, n] temporary
-    return (out.f @ coder.decoder_norms()).mean()
+    # mean_b sum_i f_bi ||W_dec,i|| == (sum_b f_b) . norms / B: no [batch, n] temporary, and the
+    # gradient reaching f is an expanded (stride-0) row, never a materialised [batch, n] outer product
+    return (out.f.sum(dim=0) @ coder.decoder_norms()) / out.f.shape[0]
 
 
 def _tanh_l1(coder: SparseCoder, out: CoderOutput, c: float) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.coders.coder import CoderOutput, SparseCoder
+from mechfaith.training.fast_jvp import linear_jvp_mode
 
 Reference = Callable[[Tensor], Tensor]
 
@@ -33,7 +34,7 @@ def sample_probes(x: Tensor, n_probes: int, generator: torch.Generator | None = 
 
 def reference_jvp(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """``(reference(x), J_ref(x) v)`` with no autograd graph. ``v`` is [batch, d] or [probes, batch, d]."""
-    with torch.no_grad():
+    with torch.no_grad(), linear_jvp_mode():  # nn.Linear JVPs without the zero weight-tangent matmul
         if v.ndim == 2:
             return torch.func.jvp(reference, (x,), (v,))
         ys, jvs = [], []
