@@ -121,3 +121,11 @@ def test_open_page_rejects_a_missing_file(tmp_path: Path) -> None:
     require_browser()
     with pytest.raises(FileNotFoundError, match="no such page"):
         open_page(tmp_path / "nothing.html")
+
+
+def test_browser_fixture_opens_pages(browser: BrowserSession, good_page: Path) -> None:
+    browser.load(good_page)
+    assert browser.count("li") == 3
+    assert [im.natural_width for im in browser.images()] == [7]
+    assert browser.logs() == []
+

@@ -25,7 +25,9 @@ def _dest(prefix: str, name: str) -> str:
     return (prefix + name).replace("-", "_")
 
 
-def _default_text(f: dataclasses.Field) -> str:
+def _default_text(f: dataclasses.Field, overrides: typing.Mapping[str, Any]) -> str:
+    if f.name in overrides:
+        return f" (default: {overrides[f.name]})"
     if f.default is not dataclasses.MISSING:
         return f" (default: {f.default})"
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -34,15 +36,23 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
-                       exclude: typing.AbstractSet[str] = frozenset()) -> None:
-    """Add one option per field of dataclass ``cls`` to ``parser`` (a parser or argument group)."""
+                       exclude: typing.AbstractSet[str] = frozenset(),
+                       defaults: typing.Mapping[str, Any] | None = None) -> None:
+    """Add one option per field of dataclass ``cls`` to ``parser`` (a parser or argument group).
+
+    ``defaults`` only changes the default shown in the help (for a command whose built-in values
+    differ from the dataclass's; pass the same values as ``file_values`` to :func:`dataclass_from_args`).
+    """
+    overrides = dict(defaults or {})
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
-        help_text = (str(f.metadata.get("help", "")) + _default_text(f)).replace("%", "%%")
+        if tp is dict or typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp):
+            continue  # mappings and nested configs come from the config file only
+        help_text = (str(f.metadata.get("help", "")) + _default_text(f, overrides)).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name), "default": None, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -70,6 +80,13 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, *, prefix: str =
         given = getattr(args, _dest(prefix, name), None)
         if given is not None:
             values[name] = given
+    missing = [n for n, f in fields.items() if n not in values and f.init
+               and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        flags = ", ".join("--" + prefix + n.replace("_", "-") for n in missing)
+        raise ConfigError(f"{cls.__name__}: missing required option(s) {flags} "
+                          f"(give them as flags or in the config file)")
     checked = {k: coerce_value(cls, fields[k], v) for k, v in values.items()}
     try:
         return cls(**checked)

@@ -50,17 +50,17 @@ def run(args: argparse.Namespace) -> int:
           + (", skip" if cfg.get("skip") else "") + f", decoder norm {cfg['decoder_norm']}")
     print("config:")
     for k, v in cfg.items():
-        print(f"  {k:22s} {_fmt(v)}")
+        print(f"  {k:28s} {_fmt(v)}")
     print(f"tensors ({info['n_parameters']:,} parameters):")
     for k, v in info["tensors"].items():
-        print(f"  {k:22s} {v['dtype']:8s} {'x'.join(map(str, v['shape'])) or 'scalar'}")
+        print(f"  {k:28s} {v['dtype']:8s} {'x'.join(map(str, v['shape'])) or 'scalar'}")
     training = info["training"]
     print("training:" + ("" if training else " (none recorded)"))
     for k, v in training.items():
         if isinstance(v, dict):
             print(f"  {k}:")
             for k2, v2 in v.items():
-                print(f"    {k2:20s} {_fmt(v2)}")
+                print(f"    {k2:26s} {_fmt(v2)}")
         else:
-            print(f"  {k:22s} {_fmt(v)}")
+            print(f"  {k:28s} {_fmt(v)}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from mechfaith import __version__
@@ -31,16 +32,37 @@ def build_parser() -> argparse.ArgumentParser:
                     "faithfulness, analyse circuits.")
     parser.add_argument("--version", action="version", version=f"mechfaith {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
+                        help="more log output (-v info, -vv debug); also accepted after the command")
+    parser.add_argument("-q", "--quiet", dest="quiet_all", action="store_true",
+                        help="hide progress bars (same as the command's own --quiet)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"mechfaith.cli.{name}")
         module.add_parser(sub)
+    for p in _sub_parsers(parser):
+        if "--verbose" not in p._option_string_actions and "-v" not in p._option_string_actions:
+            p.add_argument("-v", "--verbose", dest="verbose_sub", action="count", default=0,
+                           help="more log output (-v info, -vv debug)")
     return parser
 
 
+def _sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (nested) sub-command parser below ``parser``."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found.append(child)
+                found.extend(_sub_parsers(child))
+    return found
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        text = f"{where}{exc.strerror}"
+    else:
+        text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
 
 
@@ -48,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    if args.quiet_all:
+        args.quiet = True
+    verbosity = args.verbose + getattr(args, "verbose_sub", 0)
+    level = logging.WARNING - 10 * min(verbosity, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -58,8 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     try:
         code = args.func(args)
+    except BrokenPipeError:  # e.g. `mechfaith inspect X | head`: stop quietly
+        try:  # keep the interpreter's final flush of stdout from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
-        print(f"mechfaith: error: training diverged: {_one_line(exc)}", file=sys.stderr)
+        msg = _one_line(exc)
+        if not msg.lower().startswith("training diverged"):
+            msg = f"training diverged: {msg}"
+        print(f"mechfaith: error: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (MechfaithError, OSError) as exc:
         print(f"mechfaith: error: {_one_line(exc)}", file=sys.stderr)

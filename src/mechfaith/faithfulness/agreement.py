@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from mechfaith.errors import InputError
-from mechfaith.faithfulness.jacobian import JvpErrorEstimate, _check_x, _jvp, coder_jacobians, exact_jacobians
+from mechfaith.faithfulness.jacobian import JvpErrorEstimate, _check_x, coder_jacobians, exact_jacobians
+from mechfaith.faithfulness.jacobian import per_row_jvp_errors as core_per_row_jvp_errors
 
 Fn = Callable[[Tensor], Tensor]
 
@@ -35,28 +36,16 @@ def per_row_jvp_errors(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 8,
                        generator: torch.Generator | None = None,
                        chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
     """Per input, the probe means ``e_b = mean_p ||J_ref v - J_tc v||^2`` and ``r_b = mean_p
-    ||J_ref v||^2`` (two float64 tensors [batch]); rows are processed ``chunk_size`` at a time."""
+    ||J_ref v||^2`` (two float64 tensors [batch]); rows are processed ``chunk_size`` at a time
+    through the core estimator (so one chunk draws exactly the core's probes)."""
     _check_x(x)
-    if n_probes < 1:
-        raise InputError(f"n_probes must be >= 1, got {n_probes}")
     if chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     errs, refs = [], []
     for i in range(0, x.shape[0], chunk_size):
-        xc = x[i:i + chunk_size]
-        err = torch.zeros(xc.shape[0], dtype=torch.float64, device=x.device)
-        ref = torch.zeros_like(err)
-        for _ in range(n_probes):
-            v = torch.randn(xc.shape, generator=generator, dtype=x.dtype, device=x.device)
-            a = _jvp(reference, xc, v)
-            c = _jvp(coder, xc, v)
-            if a.shape != c.shape:
-                raise InputError(f"reference JVP has shape {tuple(a.shape)}, the coder's "
-                                 f"{tuple(c.shape)}: the two do not map the same spaces")
-            err += (a - c).double().pow(2).sum(dim=-1)
-            ref += a.double().pow(2).sum(dim=-1)
-        errs.append(err / n_probes)
-        refs.append(ref / n_probes)
+        err, ref = core_per_row_jvp_errors(reference, coder, x[i:i + chunk_size], n_probes, generator)
+        errs.append(err)
+        refs.append(ref)
     return torch.cat(errs), torch.cat(refs)
 
 

@@ -113,13 +113,14 @@ def _jvp(fn: Fn, x: Tensor, v: Tensor) -> Tensor:
         return torch.func.jvp(fn, (x,), (v,))[1]
 
 
-def jvp_error_estimate(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 16,
+def per_row_jvp_errors(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 16,
                        generator: torch.Generator | None = None,
-                       max_rows: int = 65536) -> JvpErrorEstimate:
-    """Estimate ``mean_b ||J_ref(x_b) - J_tc(x_b)||_F^2`` with ``n_probes`` Gaussian probes per input.
+                       max_rows: int = 65536) -> tuple[Tensor, Tensor]:
+    """Per input, ``e_b = mean_p ||J_ref v - J_tc v||^2`` and ``r_b = mean_p ||J_ref v||^2``
+    (two float64 tensors [batch]).
 
     Probes are batched: each call of the JVPs sees up to ``max_rows`` rows (the inputs repeated once
-    per probe), so both functions must act row by row.
+    per probe, probe-major), so both functions must act row by row.
     """
     _check_x(x)
     if n_probes < 1:
@@ -127,7 +128,7 @@ def jvp_error_estimate(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 16,
     batch = x.shape[0]
     err = x.new_zeros(batch, dtype=torch.float64)
     ref = x.new_zeros(batch, dtype=torch.float64)
-    per_call = max(1, max_rows // batch)
+    per_call = max(1, max_rows // max(batch, 1))
     with torch.no_grad():
         done = 0
         while done < n_probes:
@@ -142,8 +143,16 @@ def jvp_error_estimate(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 16,
             err += (a - c).double().pow(2).sum(dim=-1).view(p, batch).sum(dim=0)
             ref += a.double().pow(2).sum(dim=-1).view(p, batch).sum(dim=0)
             done += p
-    err /= n_probes
-    ref /= n_probes
+    return err / n_probes, ref / n_probes
+
+
+def jvp_error_estimate(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 16,
+                       generator: torch.Generator | None = None,
+                       max_rows: int = 65536) -> JvpErrorEstimate:
+    """Estimate ``mean_b ||J_ref(x_b) - J_tc(x_b)||_F^2`` with ``n_probes`` Gaussian probes per input
+    (see :func:`per_row_jvp_errors`), with standard errors over inputs."""
+    err, ref = per_row_jvp_errors(reference, coder, x, n_probes, generator, max_rows)
+    batch = x.shape[0]
     e_mean, r_mean = float(err.mean()), float(ref.mean())
     nan = float("nan")
     if batch > 1:
