@@ -12,6 +12,10 @@ back to back in this one process:
 (b) the time of a step with Jacobian matching (1 Gaussian probe per input; reference = a GELU MLP
     576 -> 2304 -> 576, its JVP by torch.func.jvp under training.fast_jvp.linear_jvp_mode) over
     the time of the same step without it.
+(b, TopK) the same ratio for a TopK coder (``--topk``, default k = 32; no sparsity penalty, no
+    AuxK) of the same size, whose JVP goes through the active latents only
+    (``coders.sparse_jvp``); the same JM step with the dense tangent path (``coder.sparse_jvp =
+    False``) is timed alongside.
 
 The step is ``mechfaith.training.trainer.Trainer.step``: forward, MSE + L1 sparsity penalty
 (+ Jacobian term), backward, gradient norm, fused Adam update, dead-latent bookkeeping. The same
@@ -83,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the plain-autograd coder (coder.fused = False) for comparison")
     p.add_argument("--no-ref-target", action="store_true",
                    help="skip the steps whose target is the reference's output")
+    p.add_argument("--topk", type=int, default=32,
+                   help="k of the TopK coder whose (b) is also measured (0: no TopK rows)")
+    p.add_argument("--no-topk-dense", action="store_true",
+                   help="skip the TopK JM step with the dense tangent path (coder.sparse_jvp = False)")
+    p.add_argument("--no-relu", action="store_true",
+                   help="skip the ReLU coder's steps and (a) (TopK rows only; needs --topk > 0)")
     args = p.parse_args(argv)
 
     tuned = False if args.no_tune_malloc else tune_malloc()
@@ -109,16 +119,41 @@ def main(argv: list[str] | None = None) -> int:
     # name -> a step; "given y": the target comes with the batch (an activation cache);
     # "ref y": the target is the reference's output (its forward without JM, the jvp's primal with JM)
     steps: dict[str, Callable[[], object]] = {}
-    t = {k: trainer(c) for k, c in (("base", base_cfg), ("jm", jm_cfg))}
-    steps["base"] = lambda: t["base"].step(x, y)
-    steps["jm"] = lambda: t["jm"].step(x, y)
-    if not args.no_ref_target:
-        steps["base_refy"] = lambda: t["base"].step(x, None)
-        steps["jm_refy"] = lambda: t["jm"].step(x, None)
-    if not args.no_plain:
-        tp = {k: trainer(c, fused=False) for k, c in (("base", base_cfg), ("jm", jm_cfg))}
-        steps["plain_base"] = lambda: tp["base"].step(x, y)
-        steps["plain_jm"] = lambda: tp["jm"].step(x, y)
+    if args.no_relu and not args.topk:
+        p.error("--no-relu needs --topk > 0")
+    if not args.no_relu:
+        t = {k: trainer(c) for k, c in (("base", base_cfg), ("jm", jm_cfg))}
+        steps["base"] = lambda: t["base"].step(x, y)
+        steps["jm"] = lambda: t["jm"].step(x, y)
+        if not args.no_ref_target:
+            steps["base_refy"] = lambda: t["base"].step(x, None)
+            steps["jm_refy"] = lambda: t["jm"].step(x, None)
+        if not args.no_plain:
+            tp = {k: trainer(c, fused=False) for k, c in (("base", base_cfg), ("jm", jm_cfg))}
+            steps["plain_base"] = lambda: tp["base"].step(x, y)
+            steps["plain_jm"] = lambda: tp["jm"].step(x, y)
+    if args.topk:
+        # TopK coder: JM's coder JVP through the k active latents (coders.sparse_jvp, the default)
+        tk_ccfg = CoderConfig(d_in=D, n_latents=N, activation="topk", k=args.topk)
+        tk_base_cfg = TrainConfig(**{**base_cfg.__dict__, "sparsity": "none", "sparsity_coef": 0.0,
+                                     "auxk_coef": 0.0})
+        tk_jm_cfg = TrainConfig(**{**tk_base_cfg.__dict__, "jacobian_coef": 1.0, "n_probes": 1})
+
+        def tk_trainer(cfg: TrainConfig, sparse_jvp: bool = True) -> Trainer:
+            coder = build_coder(tk_ccfg, seed=0)
+            assert coder.sparse_jvp  # the default for TopK
+            coder.sparse_jvp = sparse_jvp
+            return Trainer(coder, cfg, reference=reference, progress=False)
+
+        tt = {"base": tk_trainer(tk_base_cfg), "jm": tk_trainer(tk_jm_cfg)}
+        steps["tk_base"] = lambda: tt["base"].step(x, y)
+        steps["tk_jm"] = lambda: tt["jm"].step(x, y)
+        if not args.no_ref_target:
+            steps["tk_base_refy"] = lambda: tt["base"].step(x, None)
+            steps["tk_jm_refy"] = lambda: tt["jm"].step(x, None)
+        if not args.no_topk_dense:
+            tt["jm_dense"] = tk_trainer(tk_jm_cfg, sparse_jvp=False)
+            steps["tk_jm_dense"] = lambda: tt["jm_dense"].step(x, y)
 
     suite = matmul_suite(B, D, N)
     step_flops = sum(fl for _, _, fl in suite)
@@ -129,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"glibc malloc tuned: {tuned}")
     print(f"# transcoder {D} -> {N} -> {D}, batch {B}, ReLU, L1 penalty, fused Adam, Trainer.step; "
-          f"reference GELU MLP {D} -> {H} -> {D}")
+          f"reference GELU MLP {D} -> {H} -> {D}"
+          + (f"; TopK k = {args.topk} coder (no penalty, no AuxK), sparse JVP" if args.topk else ""))
     print("# FLOPs counted: matmuls only: forward x W_enc, f W_dec; backward f^T g (grad W_dec), "
           "g W_dec^T (grad f), x^T g_pre (grad W_enc); no input gradient")
     print(f"#   step: 5 x 2*B*d*n = {step_flops / 1e9:.1f} GFLOP; with Jacobian matching: "
@@ -152,13 +188,20 @@ def main(argv: list[str] | None = None) -> int:
             med = {k: statistics.median(t[i] for t in v) * 1e3 for k, v in times.items()}
             row = dict(med)
             row["mm_gflops"] = step_flops / med["mm"] / 1e6
-            row["a"] = med["mm"] / med["base"]
-            row["b"] = med["jm"] / med["base"]
+            if "base" in med:
+                row["a"] = med["mm"] / med["base"]
+                row["b"] = med["jm"] / med["base"]
             if "jm_refy" in med:
                 row["b_refy"] = med["jm_refy"] / med["base_refy"]
             if "plain_base" in med:
                 row["a_plain"] = med["mm"] / med["plain_base"]
                 row["b_plain"] = med["plain_jm"] / med["plain_base"]
+            if "tk_base" in med:
+                row["b_tk"] = med["tk_jm"] / med["tk_base"]
+            if "tk_jm_refy" in med:
+                row["b_tk_refy"] = med["tk_jm_refy"] / med["tk_base_refy"]
+            if "tk_jm_dense" in med:
+                row["b_tk_dns"] = med["tk_jm_dense"] / med["tk_base"]
             rows[which].append(row)
             if r == 0 and which == "wall":
                 print(f"{'round':>9} {'mm GFLOP/s':>10} " + " ".join(f"{k + ' ms':>13}" for k in times)
@@ -177,15 +220,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print("summary over rounds (medians of wall-clock times; the CPU-time ratios, process CPU seconds "
           "of all threads, are less sensitive to other processes on the machine):")
-    print(f"(a) step matmul FLOP/s / torch.mm FLOP/s = {both('a')}   target >= 0.6")
-    print(f"(b) step time with / without Jacobian matching (target given) = {both('b')}   "
-          f"target <= 2.2")
+    if "a" in rows["wall"][0]:
+        print(f"(a) step matmul FLOP/s / torch.mm FLOP/s = {both('a')}   target >= 0.6")
+        print(f"(b) step time with / without Jacobian matching (target given) = {both('b')}   "
+              f"target <= 2.2")
     if "b_refy" in rows["wall"][0]:
         print(f"    (b) when the target is the reference's output (its forward / the jvp primal) = "
               f"{both('b_refy')}")
     if "a_plain" in rows["wall"][0]:
         print(f"    plain autograd coder (coder.fused = False): (a) {both('a_plain')}")
         print(f"                                                (b) {both('b_plain')}")
+    if "b_tk" in rows["wall"][0]:
+        print(f"(b) TopK k = {args.topk} coder, sparse JVP, target given = {both('b_tk')}   "
+              f"target <= 2.2")
+        if "b_tk_refy" in rows["wall"][0]:
+            print(f"    (b) TopK, target = the reference's output = {both('b_tk_refy')}")
+        if "b_tk_dns" in rows["wall"][0]:
+            print(f"    (b) TopK with the dense JVP (coder.sparse_jvp = False), target given = "
+                  f"{both('b_tk_dns')}")
     return 0
 
 

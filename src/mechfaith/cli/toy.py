@@ -17,7 +17,6 @@ from pathlib import Path
 from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_file
 from mechfaith.coders.files import save_coder
 from mechfaith.errors import ConfigError
-from mechfaith.reports.toy_report import write_toy_outputs
 from mechfaith.toy.experiments import QUICK, ToyConfig, run_toy
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,8 @@ def build_config(args: argparse.Namespace) -> ToyConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mechfaith.reports.toy_report import write_toy_outputs  # matplotlib: import only when needed
+
     cfg = build_config(args)
     out = Path(args.out)
     quiet = bool(getattr(args, "quiet", False))

@@ -17,6 +17,11 @@ a fused autograd function (:mod:`mechfaith.coders.fused`: one matmul for the pri
 rows, the mask applied in place, fewer [batch, n_latents] temporaries) for every activation but
 JumpReLU; ``coder.fused = False`` selects plain autograd. :meth:`SparseCoder.forward` (what
 ``torch.func`` transforms see) is always plain.
+
+For TopK and BatchTopK coders (``coder.sparse_jvp``, on by default for them), ``forward_with_jvp``
+runs the primal as above and ``J v`` through the active latents only
+(:mod:`mechfaith.coders.sparse_jvp`, O(B k d) instead of O(B n d)); ``coder.sparse_jvp = False``
+selects the dense tangent path.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor, nn
 from mechfaith.coders import activations as acts
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.fused import FusedCoderFn
+from mechfaith.coders.sparse_jvp import sparse_jvp
 from mechfaith.errors import InputError
 
 
@@ -69,6 +75,9 @@ class SparseCoder(nn.Module):
         # Train through the fused forward/backward (coders.fused) in forward_full/forward_with_jvp;
         # a runtime switch (not saved): False gives plain autograd, e.g. to compare the two.
         self.fused = True
+        # forward_with_jvp's tangent through the active latents only (coders.sparse_jvp, O(B k d)
+        # instead of O(B n d)); default for TopK/BatchTopK, a runtime switch (not saved).
+        self.sparse_jvp = cfg.activation in ("topk", "batchtopk")
         # BatchTopK's inference threshold (EMA of the smallest kept activation); -1 = not yet set.
         self.register_buffer("batchtopk_threshold", torch.tensor(-1.0, dtype=dtype))
         self.reset_parameters(generator)
@@ -229,6 +238,12 @@ class SparseCoder(nn.Module):
         """
         self.check_batch(x)
         self._check_tangent(x, v)
+        # --- sparse tangent path (coders.sparse_jvp): primal as usual, J v through the active latents
+        if (self.sparse_jvp and x.shape[0] > 0 and not _is_functorch_tensor(x)
+                and not _is_functorch_tensor(v) and not _is_functorch_tensor(self.W_enc)):
+            out = self.forward_full(x)
+            return out, sparse_jvp(out.mask, v, self.W_enc, self.W_dec, self.W_skip)
+        # --- dense paths
         if self._use_fused(x):
             if v.ndim == 3:
                 p, b, d = v.shape
