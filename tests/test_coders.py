@@ -24,7 +24,7 @@ def make_coder(activation: str, skip: bool = False, *, d_out: int = D_OUT, seed:
     """A float64 coder with random (non-unit) decoder rows, biases and skip; BatchTopK in eval
     mode with its threshold set (``ready``), so that the coder is a function of each row."""
     cfg = CoderConfig(d_in=D_IN, n_latents=N_LAT, d_out=d_out, activation=activation, k=3,
-                      skip=skip, jumprelu_threshold=0.05)
+                      skip=skip, jumprelu_threshold=0.05, init_scale=1.0)
     coder = build_coder(cfg, seed=seed).double()
     g = _gen(seed + 100)
     with torch.no_grad():

@@ -85,18 +85,18 @@ class SparseCoder(nn.Module):
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows: random unit directions; encoder: the decoder's transpose when d_in == d_out
-        (tied initialisation), else random with the same scale; biases zero."""
+        """Decoder rows: random directions of norm ``cfg.init_scale``; encoder: the decoder's transpose
+        when d_in == d_out (tied initialisation), else random columns of the same norm; biases zero."""
         n, d_out = self.W_dec.shape
         d_in = self.W_enc.shape[0]
         w = torch.randn(n, d_out, generator=generator, dtype=self.W_dec.dtype)
-        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w *= self.cfg.init_scale / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec.copy_(w)
         if d_in == d_out:
             self.W_enc.copy_(w.T)
         else:
             e = torch.randn(d_in, n, generator=generator, dtype=self.W_enc.dtype)
-            self.W_enc.copy_(e / e.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            self.W_enc.copy_(e * (self.cfg.init_scale / e.norm(dim=0, keepdim=True).clamp_min(1e-12)))
         self.b_enc.zero_()
         self.b_dec.zero_()
         if self.W_skip is not None:

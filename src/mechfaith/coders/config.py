@@ -32,6 +32,11 @@ class CoderConfig:
                                     "estimator of the threshold gradient.", 1e-3)
     batchtopk_momentum: float = doc("EMA momentum of the BatchTopK inference threshold.", 0.01)
     skip: bool = doc("Add a linear skip connection y_hat += x W_skip (transcoders).", False)
+    init_scale: float = doc("Norm of each decoder row, and of each encoder column, at initialisation "
+                            "(encoder = decoder transpose when d_in == d_out). With unit rows a wide "
+                            "coder's first outputs can be several times its target; 0.1 starts near a "
+                            "zero output and often trains much faster (TopK, weak L1), while strong-L1 "
+                            "coders may end denser: measure for your task.", 1.0)
     decoder_norm: str = doc("'unit': decoder rows are kept at unit norm (renormalised after each "
                             "step, gradient parallel to the row removed); 'penalty': rows are free "
                             "and sparsity penalties weight each latent by its decoder-row norm.",
@@ -54,5 +59,7 @@ class CoderConfig:
             raise ConfigError(f"CoderConfig.decoder_norm {self.decoder_norm!r} is not one of {', '.join(DECODER_NORMS)}")
         if self.kind not in KINDS:
             raise ConfigError(f"CoderConfig.kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not self.init_scale > 0:
+            raise ConfigError(f"CoderConfig.init_scale must be > 0, got {self.init_scale!r}")
         if self.jumprelu_threshold <= 0 or self.jumprelu_bandwidth <= 0:
             raise ConfigError("CoderConfig: jumprelu_threshold and jumprelu_bandwidth must be > 0")

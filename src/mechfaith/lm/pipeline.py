@@ -130,7 +130,9 @@ class LMCoderConfig:
                            kind=self.kind, activation=self.activation, k=min(self.k, n),
                            jumprelu_threshold=self.jumprelu_threshold,
                            jumprelu_bandwidth=self.jumprelu_bandwidth,
-                           skip=self.skip and self.kind == "transcoder", decoder_norm=self.decoder_norm)
+                           skip=self.skip and self.kind == "transcoder", decoder_norm=self.decoder_norm,
+                           # unit rows: the LM defaults (latent_init_fraction, lr) were tuned with them
+                           init_scale=1.0)
 
 
 # Defaults of the training options for LM coders, on top of TrainConfig's own (the CLI applies

@@ -48,7 +48,8 @@ def train_grid(specs: Sequence[MemberSpec], mlp: AbsMLP, p: torch.Tensor, *, n_l
     if steps <= 0 or batch <= 0 or lr <= 0 or n_probes <= 0:
         raise ConfigError("train_grid: steps, batch, lr and n_probes must be positive")
     d = mlp.d
-    cfg = CoderConfig(d_in=d, n_latents=n_latents, activation="relu", decoder_norm="penalty")
+    # unit-norm initial rows: the regime in ToyConfig (lr, steps, resampling) was tuned with them
+    cfg = CoderConfig(d_in=d, n_latents=n_latents, activation="relu", decoder_norm="penalty", init_scale=1.0)
     coder = BatchedCoder.initialised(cfg, [s.seed for s in specs])
     hyper = grid_hyper(specs, tanh_c)
     G = len(specs)
