@@ -124,3 +124,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values at the top level")
     return data
+
+
+def load_config_sections(path: str | Path | None, sections: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Read a config file made of named sections (``[coder]``, ``[train]``, ...); every one of
+    ``sections`` is in the result (empty when absent or when ``path`` is None); unknown sections
+    and sections that are not mappings raise :class:`ConfigError`."""
+    if not path:
+        return {s: {} for s in sections}
+    data = load_config_file(path)
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sections)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name in sections:
+        section = data.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section [{name}] must be a mapping")
+        out[name] = section
+    return out

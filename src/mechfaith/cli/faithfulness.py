@@ -63,23 +63,9 @@ def add_parser(subparsers) -> None:
 
 
 def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    if not getattr(args, "config", None):
-        return {s: {} for s in SECTIONS}
-    from mechfaith.cli.dataclass_args import load_config_file
+    from mechfaith.cli.dataclass_args import load_config_sections
 
-    data = load_config_file(args.config)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{args.config}: expected a mapping with sections {', '.join(SECTIONS)}")
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; expected {', '.join(SECTIONS)}")
-    out = {}
-    for s in SECTIONS:
-        sec = data.get(s) or {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{args.config}: section [{s}] must be a mapping")
-        out[s] = sec
-    return out
+    return load_config_sections(getattr(args, "config", None), SECTIONS)
 
 
 def configs(args: argparse.Namespace):

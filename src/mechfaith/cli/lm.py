@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_file
+from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
 from mechfaith.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -157,22 +157,7 @@ def add_parser(subparsers) -> None:
 
 # ---------------------------------------------------------------------- building configs
 def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    if not getattr(args, "config", None):
-        return {s: {} for s in SECTIONS}
-    data = load_config_file(args.config)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{args.config}: expected a mapping with sections {', '.join(SECTIONS)}")
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}; "
-                          f"expected {', '.join(SECTIONS)}")
-    out = {}
-    for s in SECTIONS:
-        sec = data.get(s) or {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{args.config}: section [{s}] must be a mapping")
-        out[s] = sec
-    return out
+    return load_config_sections(getattr(args, "config", None), SECTIONS)
 
 
 def _configs(args: argparse.Namespace, *, coder: bool, train: bool, train_defaults: dict | None = None):

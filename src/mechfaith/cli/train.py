@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mechfaith.atomic import write_text_atomic
-from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_file
+from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
 from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.files import save_coder
 from mechfaith.configs import config_to_dict
@@ -64,16 +64,8 @@ class _DropDivergence(logging.Filter):
 
 
 def _sections(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not path:
-        return {}, {}
-    data = load_config_file(path)
-    unknown = sorted(set(data) - {"coder", "train"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (expected [coder], [train])")
-    coder, train = data.get("coder", {}), data.get("train", {})
-    if not isinstance(coder, dict) or not isinstance(train, dict):
-        raise ConfigError(f"{path}: [coder] and [train] must be tables of options")
-    return coder, train
+    sections = load_config_sections(path, ("coder", "train"))
+    return sections["coder"], sections["train"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,36 +66,32 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
                         layer: int = layer) -> Tensor:
                 if "x" not in slot:
                     raise RuntimeError(f"the input of layer {layer} was not captured before its MLP output")
-                x = slot.pop("x")
-                y_hat = coder(x.to(_param_dtype(coder, x.dtype)))
-                if y_hat.shape != y.shape:
-                    raise ConfigError(f"the coder of layer {layer} returned shape {tuple(y_hat.shape)}; "
-                                      f"the MLP output has shape {tuple(y.shape)}")
-                if record is not None:
-                    record(layer, x, y_hat)
-                y_hat = y_hat.to(y.dtype)
-                if keep_bos:
-                    y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
-                return y_hat
+                return _coder_output(coder, slot.pop("x"), y, layer, keep_bos, record)
 
             if input_site == "mlp_out":
                 def sae_replace(y: Tensor, coder: Coder = coder, layer: int = layer) -> Tensor:
                     x = y - y.mean(dim=-1, keepdim=True) if output_site == "mlp_out_centered" else y
-                    y_hat = coder(x.to(_param_dtype(coder, x.dtype)))
-                    if y_hat.shape != y.shape:
-                        raise ConfigError(f"the coder of layer {layer} returned shape {tuple(y_hat.shape)}; "
-                                          f"the MLP output has shape {tuple(y.shape)}")
-                    if record is not None:
-                        record(layer, x, y_hat)
-                    y_hat = y_hat.to(y.dtype)
-                    if keep_bos:
-                        y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
-                    return y_hat
+                    return _coder_output(coder, x, y, layer, keep_bos, record)
                 handles.append(adapter.replace_mlp_out(layer, sae_replace))
                 continue
             handles.extend(adapter.hook_site(layer, input_site, grab))
             handles.append(adapter.replace_mlp_out(layer, replace))
         yield adapter
+
+
+def _coder_output(coder: Coder, x: Tensor, y: Tensor, layer: int, keep_bos: bool,
+                  record: Recorder | None) -> Tensor:
+    """The coder's replacement of MLP output ``y`` from input ``x`` (shape-checked, in y's dtype)."""
+    y_hat = coder(x.to(_param_dtype(coder, x.dtype)))
+    if y_hat.shape != y.shape:
+        raise ConfigError(f"the coder of layer {layer} returned shape {tuple(y_hat.shape)}; "
+                          f"the MLP output has shape {tuple(y.shape)}")
+    if record is not None:
+        record(layer, x, y_hat)
+    y_hat = y_hat.to(y.dtype)
+    if keep_bos:
+        y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
+    return y_hat
 
 
 def _param_dtype(coder: Any, default: torch.dtype) -> torch.dtype:
