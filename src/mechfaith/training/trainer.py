@@ -167,6 +167,9 @@ class Trainer:
         self.pending_stream_state: dict[str, Any] | None = None  # from a checkpoint, for fit()
         self._n_dead: int | None = 0  # dead latents now (known without a sync); None = unknown
         self._unit = coder.cfg.decoder_norm == "unit"
+        # data-parallel hook (set by mechfaith.training.distributed.attach): averages gradients,
+        # fired latents and metrics over processes; None for one process
+        self.sync: Any = None
         if self._unit:
             coder.normalize_decoder_()
 
@@ -287,6 +290,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.compute_losses(x, y, sparsity_coef=coef)
         terms.total.backward()
+        if self.sync is not None:
+            self.sync.reduce_grads(self.params)
         if self._unit:
             coder.remove_parallel_decoder_grad_()
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -297,8 +302,12 @@ class Trainer:
         batch = x.shape[0]
         with torch.no_grad():
             fired = terms.out.mask.any(dim=0)  # [n_latents]
+            rows = batch  # rows of this step over all processes
+            if self.sync is not None:
+                fired = self.sync.reduce_fired(fired)
+                rows = self.sync.global_rows(batch)
             since = self.tracker.tokens_since_fired
-            new_since = torch.where(fired, torch.zeros_like(since), since + batch)
+            new_since = torch.where(fired, torch.zeros_like(since), since + rows)
             names = ["loss", "grad_norm", "n_dead"]
             values = [terms.total.detach(), grad_norm, (new_since >= cfg.dead_window).sum()]
             if want_metrics:
@@ -315,7 +324,10 @@ class Trainer:
                 if terms.jacobian is not None and terms.jacobian_ref_sq is not None:
                     names.append("jacobian_rel")
                     values.append(terms.jacobian.detach() / terms.jacobian_ref_sq.clamp_min(1e-30))
-            synced = torch.stack([v.to(torch.float64) for v in values]).tolist()  # the one host sync
+            stacked = torch.stack([v.to(torch.float64) for v in values])
+            if self.sync is not None:
+                stacked = self.sync.reduce_values(stacked)  # means over processes
+            synced = stacked.tolist()  # the one host sync
         got = dict(zip(names, synced))
         if not (math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])):
             self.optimizer.zero_grad(set_to_none=True)
@@ -326,8 +338,10 @@ class Trainer:
             coder.normalize_decoder_()
         self.tracker.tokens_since_fired = new_since
         self._n_dead = int(got.pop("n_dead"))
+        if self.sync is not None:
+            self.sync.after_step(coder)
         self.step_count += 1
-        self.tokens_seen += batch
+        self.tokens_seen += rows
         record: dict[str, Any] = {"step": self.step_count, "tokens": self.tokens_seen, "lr": lr,
                                   "sparsity_coef": coef}
         record.update(got)
