@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mechfaith.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +97,8 @@ def _fmt(v: Any, se: Any = None) -> str:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from mechfaith.configs import config_from_dict
-    from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.lm.faithfulness import lm_faithfulness
-    from mechfaith.lm.pipeline import LMConfig, open_coder
+    from mechfaith.lm.pipeline import LMConfig, coder_corpus_with_source
     from mechfaith.reports.faithfulness_report import write_faithfulness_html
 
     fcfg, lcfg = configs(args)
@@ -109,12 +106,7 @@ def _run_report(args: argparse.Namespace) -> int:
     lm_cfg = dataclasses.replace(base, model=args.model or base.model,
                                  layer=args.layer if args.layer is not None else base.layer,
                                  device=args.device, dtype=args.dtype)
-    corpus_cfg = None
-    if args.corpus_source:
-        ref = open_coder(args.coder)
-        data = dict(ref.corpus or {})
-        data["source"] = args.corpus_source
-        corpus_cfg = config_from_dict(CorpusConfig, data)
+    corpus_cfg = coder_corpus_with_source(args.coder, args.corpus_source)
     rep = lm_faithfulness(args.coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=args.out,
                           model_given=args.model is not None, layer_given=args.layer is not None,
                           progress=not getattr(args, "quiet", False))

@@ -245,9 +245,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mechfaith.configs import config_from_dict
-    from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.lm.pipeline import LMConfig, evaluate, open_coder
+    from mechfaith.lm.pipeline import LMConfig, coder_corpus_with_source, evaluate
 
     base = LMConfig()
     lm_cfg = dataclasses.replace(
@@ -255,12 +253,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         eval_contexts=args.eval_contexts or base.eval_contexts,
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
-    corpus_cfg = None
-    if args.corpus_source:
-        ref = open_coder(args.coder)
-        data = dict(ref.corpus or {})
-        data["source"] = args.corpus_source
-        corpus_cfg = config_from_dict(CorpusConfig, data)
+    corpus_cfg = coder_corpus_with_source(args.coder, args.corpus_source)
     e = evaluate(args.coder, lm_cfg, corpus_cfg, out=args.out, keep_bos=args.keep_bos,
                  model_given=args.model is not None, layer_given=args.layer is not None,
                  progress=_progress(args))

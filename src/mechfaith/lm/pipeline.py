@@ -40,7 +40,7 @@ from mechfaith.configs import config_from_dict, config_to_dict, doc
 from mechfaith.errors import CoderFileError, ConfigError, InputError
 from mechfaith.lm.activations import (INDEX_NAME, STORAGE_DTYPES, ActivationCache, ActivationConfig,
                                       CachedActivationStream, write_activation_cache)
-from mechfaith.lm.adapters import INPUT_SITES, OUTPUT_SITES, ModelAdapter
+from mechfaith.lm.adapters import INPUT_SITES, ModelAdapter
 from mechfaith.lm.corpus import Corpus, CorpusConfig, build_corpus
 from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity
 from mechfaith.lm.adapters import FAMILIES
@@ -583,3 +583,14 @@ def evaluate(coder_path: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
     write_json(path, _jsonable(result))
     result["path"] = str(path)
     return result
+
+
+def coder_corpus_with_source(coder_path: str | Path, source: str | None) -> CorpusConfig | None:
+    """The corpus a coder was trained on, with its text source replaced by ``source`` (None: keep
+    the coder's own corpus, returned as None so callers use the recorded one)."""
+    if not source:
+        return None
+    data = dict(open_coder(coder_path).corpus or {})
+    data["source"] = source
+    return config_from_dict(CorpusConfig, data)
+
