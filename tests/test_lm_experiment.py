@@ -193,7 +193,15 @@ def test_findings_say_clear_only_beyond_the_seed_spread():
     tiny = [cell(0.0, 0.0, 0, 0.0001), cell(0.0, 0.0, 1, 0.0001), cell(0.05, 0.0, 0, 0.0005),
             cell(0.05, 0.0, 1, 0.0005)]
     cfg1 = ExperimentConfig(rates=[0.0, 0.05], jacobian_coefs=[0.0], ks=[8], seeds=[0, 1])
-    assert "memorization by passage features shows no clear change" in findings(summarize(tiny), cfg1)[0]
+    text1 = findings(summarize(tiny), cfg1)
+    assert "memorization by passage features shows no clear change" in text1[0]
+    assert not any("signature" in t for t in text1)  # the passage's fit did not change
+    # the passage is fitted far better at the higher rate while its Jacobian error stays: the signature
+    for c in tiny[2:]:
+        c["metrics"]["passage_mse_ratio"] = 0.2 + 0.01 * c["seed"]
+    text2 = findings(summarize(tiny), cfg1)
+    assert "passage MSE / held-out MSE 0.5 -> 0.205" in text2[0] and "shows a clear fall" in text2[0]
+    assert any("signature of unfaithfulness" in t and "spread over features" in t for t in text2)
 
 
 def test_bad_experiment_settings_are_config_errors():

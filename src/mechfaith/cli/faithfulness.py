@@ -125,13 +125,13 @@ def _run_experiment(args: argparse.Namespace) -> int:
     rep = run_experiment(cfg, corpus_cfg, out, progress=not getattr(args, "quiet", False))
     write_experiment_html(rep, out / "report.html",
                           f"Memorization of a repeated passage by transcoders of {rep['model']} layer {rep['layer']}")
-    head = ("rate", "JM", "k", "memorization", "passage feats", "passage Jac err", "held-out Jac err",
-            "FVE", "L0", "CE +")
+    head = ("rate", "JM", "k", "memorization", "passage feats", "passage/held-out MSE", "passage Jac err",
+            "held-out Jac err", "FVE", "L0", "CE +")
     print(" | ".join(head))
     for r in rep["table"]:
         print(" | ".join([f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", str(r["k"]),
                           _fmt(r["memorization"], r["memorization_sd"]), _fmt(r["n_passage_features"]),
-                          _fmt(r["passage_jacobian_rel"]), _fmt(r["jacobian_rel"], r["jacobian_rel_sd"]),
+                          _fmt(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]), _fmt(r["passage_jacobian_rel"]), _fmt(r["jacobian_rel"], r["jacobian_rel_sd"]),
                           _fmt(r["fve"], r["fve_sd"]), _fmt(r["l0"]), _fmt(r["ce_increase"], r["ce_increase_sd"])]))
     for line in rep["findings"]:
         print("- " + line)

@@ -219,6 +219,15 @@ def _change(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
     return "a clear rise" if b[metric] > a[metric] else "a clear fall"
 
 
+def _carrier(row: dict[str, Any]) -> str:
+    """Whether the linear skip or the latents carry a coder's fit of the passage."""
+    skip, whole = row.get("skip_passage_mse_ratio", math.nan), row["passage_mse_ratio"]
+    if not math.isfinite(skip):
+        return ""
+    who = "almost entirely by the linear skip" if whole >= 0.85 * skip else "mostly by the latents"
+    return f"; carried {who} (passage MSE ratio of the skip alone {skip:.3g}, of the whole coder {whole:.3g})"
+
+
 def findings(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
     """Plain-language statements of what the table shows (null results included). A difference is
     called clear when it exceeds twice the spread over seeds (sqrt of the summed variances)."""
@@ -245,6 +254,15 @@ def findings(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
                 f"{b['passage_mse_ratio']:.3g}{skip}; the passage's Jacobian error shows "
                 f"{_change(a, b, 'passage_jacobian_rel')} ({a['passage_jacobian_rel']:.3g} -> "
                 f"{b['passage_jacobian_rel']:.3g}).")
+            if (_clear(a, b, "passage_mse_ratio") and b["passage_mse_ratio"] < a["passage_mse_ratio"]
+                    and not (_clear(a, b, "passage_jacobian_rel")
+                             and b["passage_jacobian_rel"] < a["passage_jacobian_rel"])):
+                out.append(
+                    f"k={k}, {label}: the coder fits the passage's outputs better without fitting the MLP's "
+                    f"local function there any better: memorization of the outputs, not of the mechanism "
+                    f"(the toy model's signature of unfaithfulness)"
+                    + ("; no dedicated passage features carry it: it is spread over features that also "
+                       "fire on ordinary text" if not _clear(a, b, "memorization") else "") + _carrier(b) + ".")
         for coef in jm:
             p, j = _row(rows, hi, plain, k), _row(rows, hi, coef, k)
             if p is None or j is None:
@@ -252,9 +270,14 @@ def findings(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
             mem = ("lowers memorization clearly" if _clear(p, j, "memorization") and j["memorization"] < p["memorization"]
                    else "raises memorization clearly" if _clear(p, j, "memorization")
                    else "does not change memorization clearly")
+            fit = ("fits the passage clearly less well" if _clear(p, j, "passage_mse_ratio")
+                   and j["passage_mse_ratio"] > p["passage_mse_ratio"] else
+                   "fits the passage clearly better" if _clear(p, j, "passage_mse_ratio") else
+                   "fits the passage about as well")
             out.append(
                 f"k={k}, rate {hi:g}: Jacobian matching (coef {coef:g}) {mem} "
-                f"({p['memorization']:.3g} -> {j['memorization']:.3g}); held-out Jacobian error "
+                f"({p['memorization']:.3g} -> {j['memorization']:.3g}) and {fit} (passage MSE / held-out "
+                f"MSE {p['passage_mse_ratio']:.3g} -> {j['passage_mse_ratio']:.3g}); held-out Jacobian error "
                 f"{p['jacobian_rel']:.3g} -> {j['jacobian_rel']:.3g}, passage Jacobian error "
                 f"{p['passage_jacobian_rel']:.3g} -> {j['passage_jacobian_rel']:.3g}; cost: FVE "
                 f"{p['fve']:.3g} -> {j['fve']:.3g}, spliced CE increase {p['ce_increase']:.3g} -> "
@@ -292,7 +315,7 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
         max_rate=max(cfg.rates), eval_contexts=cfg.eval_contexts, passage_eval_contexts=cfg.passage_eval_contexts,
         detector_contexts=cfg.detector_contexts, detector_rate=cfg.detector_rate,
         batch_contexts=cfg.batch_contexts, train_source=corpus_cfg.source, eval_source=eval_source,
-        progress=say)
+        on_stage=say, progress=progress)
     collect_seconds = time.perf_counter() - t0
     reference = adapter.mlp_function(layer, in_site, out_site)
     cells = _cells(cfg)

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.lm.faithfulness import collect_inputs, context_keys, plant_repeats
+from mechfaith.lm.activations import iter_model_activations
+from mechfaith.lm.faithfulness import context_keys, plant_repeats
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,16 @@ class ExperimentData:
 
 
 def _collect(adapter: Any, contexts: Tensor, layer: int, in_site: str, out_site: str,
-             batch_contexts: int) -> tuple[Tensor, Tensor]:
-    """(x, y) [n, L-1, d] with the BOS position dropped."""
-    x, y, _ = collect_inputs(adapter, contexts, layer, in_site, out_site, batch_contexts)
+             batch_contexts: int, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """(x, y) [n, L-1, d] with the BOS position dropped (float32)."""
+    xs, ys = [], []
+    for batch in iter_model_activations(adapter, contexts, [layer], in_site, out_site, batch_contexts,
+                                        exclude_bos=True, progress=progress):
+        x, y = batch[layer]
+        xs.append(x.float())
+        ys.append(y.float())
     n, length = contexts.shape
-    x = x.reshape(n, length, -1)[:, 1:].contiguous()
-    y = y.reshape(n, length, -1)[:, 1:].contiguous()
-    return x, y
+    return torch.cat(xs).reshape(n, length - 1, -1), torch.cat(ys).reshape(n, length - 1, -1)
 
 
 def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage_ids: list[int], *,
@@ -99,10 +103,11 @@ def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage
                           eval_contexts: int, passage_eval_contexts: int, detector_contexts: int,
                           detector_rate: float, key_window: int = 16, batch_contexts: int = 16,
                           plant_seed: int = 0, train_source: str = "", eval_source: str = "",
-                          progress: Any = None) -> ExperimentData:
+                          on_stage: Any = None, progress: bool = False) -> ExperimentData:
     """Collect the experiment's tensors (module docstring) from ``train`` [n, L] and ``held_out``
-    [n_h, L] contexts. ``progress``: optional callable(str) told about each stage."""
-    say = progress or (lambda s: log.info("experiment data: %s", s))
+    [n_h, L] contexts. ``on_stage``: optional callable(str) told about each stage; ``progress``:
+    a progress bar for the training contexts' collection."""
+    say = on_stage or (lambda s: log.info("experiment data: %s", s))
     if train.ndim != 2 or held_out.ndim != 2 or train.shape[1] != held_out.shape[1]:
         raise InputError("train and held-out contexts must be [n, L] with the same L")
     length = train.shape[1]
@@ -115,7 +120,7 @@ def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage
     n_max = int(round(max_rate * n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(plant_seed))
     say(f"collecting {n} training contexts")
-    x_train, y_train = _collect(adapter, train, layer, input_site, output_site, batch_contexts)
+    x_train, y_train = _collect(adapter, train, layer, input_site, output_site, batch_contexts, progress)
     planted_ctx = train[order[:n_max]].clone()
     planted_ctx[:, 1:1 + len(ids)] = torch.tensor(ids, dtype=planted_ctx.dtype)
     if n_max:
