@@ -92,14 +92,15 @@ def test_memorization_counts_only_passage_exclusive_features():
         coder.W_enc[1, 1], coder.b_enc[1] = 1.0, 0.0  # an ordinary feature: fires on held-out rows
         coder.W_enc[0, 1] = 1.0  # ... and on the passage too (x_0 = 10, 8)
         coder.W_dec.copy_(torch.randn(n_lat, d, generator=g))
-    res = passage_features(coder, x_p, y_p, x_h, exclusive_rate=1e-3)
+    f_h = coder.forward_full(x_h).f.detach()
+    res = passage_features(coder, x_p, y_p, f_h, exclusive_rate=1e-3)
     assert res["n_passage_features"] == 1 and res["passage_features"][0]["index"] == 0
     f0 = torch.tensor([4.0, 2.0])
     expected = ((f0[:, None] * coder.W_dec[0].detach()) * y_p).sum(1) / y_p.pow(2).sum(1)
     assert res["memorization"] == pytest.approx(float(expected.mean()), rel=1e-5)
     assert res["memorization_max"] == pytest.approx(float(expected.max()), rel=1e-5)
     # with a looser exclusivity the ordinary feature would count as well -> a different value
-    loose = passage_features(coder, x_p, y_p, x_h, exclusive_rate=0.9)
+    loose = passage_features(coder, x_p, y_p, f_h, exclusive_rate=0.9)
     assert loose["n_passage_features"] == 2
 
 

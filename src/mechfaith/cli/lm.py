@@ -303,7 +303,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _run_import(args: argparse.Namespace) -> int:
     from mechfaith.coders.files import save_coder
-    from mechfaith.lm.pipeline import _jsonable, open_coder
+    from mechfaith.faithfulness.report import json_safe
+    from mechfaith.lm.pipeline import open_coder
 
     src = Path(args.source)
     if not src.exists():
@@ -311,7 +312,7 @@ def _run_import(args: argparse.Namespace) -> int:
     ref = open_coder(src)
     training = {"source": f"imported from {src}", "model": args.model or ref.model, "layer": ref.layer,
                 "input_site": ref.input_site, "output_site": ref.output_site}
-    save_coder(ref.coder, args.out, training=_jsonable(training))
+    save_coder(ref.coder, args.out, training=json_safe(training))
     print(f"wrote coder folder {args.out} ({ref.coder.cfg.kind}, {ref.coder.cfg.activation}, "
           f"{ref.coder.n_latents} latents, layer {ref.layer}, {ref.input_site} -> {ref.output_site})")
     return 0

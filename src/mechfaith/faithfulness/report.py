@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import PurePath
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
@@ -63,7 +64,7 @@ class FaithfulnessConfig:
 
 
 def json_safe(obj: Any) -> Any:
-    """Floats that are not finite become None; tensors become lists; dataclasses dicts."""
+    """Floats that are not finite become None; tensors become lists; dataclasses dicts; paths strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Tensor):
@@ -74,6 +75,8 @@ def json_safe(obj: Any) -> Any:
         return [json_safe(v) for v in obj]
     if hasattr(obj, "__dataclass_fields__"):
         return json_safe(asdict(obj))
+    if isinstance(obj, PurePath):
+        return str(obj)
     return obj
 
 

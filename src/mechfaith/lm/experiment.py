@@ -15,7 +15,6 @@ HTML report (written by :mod:`mechfaith.reports.experiment_report`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import statistics
@@ -33,6 +32,7 @@ from mechfaith.coders.files import read_json, save_coder, write_json
 from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.faithfulness.datapoints import DatapointConfig
+from mechfaith.faithfulness.report import json_safe
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.experiment_data import ExperimentData, build_experiment_data
 from mechfaith.lm.experiment_metrics import measure_cell
@@ -285,10 +285,6 @@ def findings(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
     return out
 
 
-def _write_cell(folder: Path, payload: dict[str, Any]) -> None:
-    write_json(folder / CELL_JSON, payload)
-
-
 def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | Path, *,
                    progress: bool = True, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every cell (module docstring); returns (and writes) the experiment's JSON."""
@@ -349,7 +345,7 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
                 "source": "mechfaith faithfulness experiment", "model": lm.name, "layer": layer,
                 "input_site": in_site, "output_site": out_site, "corpus": config_to_dict(corpus_cfg),
                 "cell": cell})
-        _write_cell(folder, payload)
+        write_json(folder / CELL_JSON, payload)
         results.append(payload)
         log.info("cell %s: memorization %.3g, FVE %.3g, CE +%.3g (%.0f s)", cell["name"],
                  metrics["memorization"], metrics["fve"], metrics["ce_increase"], payload["seconds"])
@@ -362,25 +358,9 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
         "findings": findings(rows, cfg), "collect_seconds": round(collect_seconds, 2),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json(out / EXPERIMENT_JSON, _json_safe(report))
+    write_json(out / EXPERIMENT_JSON, json_safe(report))
     report["path"] = str(out / EXPERIMENT_JSON)
     return report
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def quick_config(**overrides: Any) -> ExperimentConfig:
-    """The ``--quick`` settings (:data:`QUICK`) with ``overrides`` on top."""
-    return ExperimentConfig(**{**QUICK, **overrides})
-
-
-__all__ = ["EXPERIMENT_JSON", "ExperimentConfig", "QUICK", "cell_name", "findings", "quick_config",
-           "run_experiment", "summarize", "train_cell"]
+__all__ = ["EXPERIMENT_JSON", "ExperimentConfig", "QUICK", "cell_name", "findings", "run_experiment", "summarize", "train_cell"]

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.lm.activations import iter_model_activations
-from mechfaith.lm.faithfulness import context_keys, plant_repeats
+from mechfaith.lm.faithfulness import collect_inputs, context_keys, plant_repeats
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,9 @@ class ExperimentData:
 def _collect(adapter: Any, contexts: Tensor, layer: int, in_site: str, out_site: str,
              batch_contexts: int, progress: bool = False) -> tuple[Tensor, Tensor]:
     """(x, y) [n, L-1, d] with the BOS position dropped (float32)."""
-    xs, ys = [], []
-    for batch in iter_model_activations(adapter, contexts, [layer], in_site, out_site, batch_contexts,
-                                        exclude_bos=True, progress=progress):
-        x, y = batch[layer]
-        xs.append(x.float())
-        ys.append(y.float())
+    x, y, _ = collect_inputs(adapter, contexts, layer, in_site, out_site, batch_contexts, progress)
     n, length = contexts.shape
-    return torch.cat(xs).reshape(n, length - 1, -1), torch.cat(ys).reshape(n, length - 1, -1)
+    return (x.reshape(n, length, -1)[:, 1:].contiguous(), y.reshape(n, length, -1)[:, 1:].contiguous())
 
 
 def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage_ids: list[int], *,

@@ -36,7 +36,7 @@ from torch import Tensor
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.faithfulness.agreement import per_row_jvp_errors, summarize_errors
 from mechfaith.faithfulness.datapoints import DatapointConfig, detect_datapoint_features
-from mechfaith.lm.fidelity import kl_per_token, next_token_ce
+from mechfaith.lm.fidelity import _device, kl_per_token, next_token_ce
 from mechfaith.lm.splice import splice
 
 Fn = Callable[[Tensor], Tensor]
@@ -54,10 +54,11 @@ def _encode(coder: SparseCoder, x: Tensor, chunk: int = 4096) -> tuple[Tensor, T
 
 
 @torch.no_grad()
-def passage_features(coder: SparseCoder, x_passage: Tensor, y_passage: Tensor, x_heldout: Tensor,
+def passage_features(coder: SparseCoder, x_passage: Tensor, y_passage: Tensor, f_heldout: Tensor,
                      exclusive_rate: float = 1e-3) -> dict[str, Any]:
-    """The passage features and the memorization share (module docstring)."""
-    f_h, _ = _encode(coder, x_heldout)
+    """The passage features and the memorization share (module docstring); ``f_heldout`` [N, n] are
+    the coder's latents on the held-out rows."""
+    f_h = f_heldout
     f_p, _ = _encode(coder, x_passage)
     rate_h = (f_h > 0).float().mean(0)  # [n]
     fires_p = (f_p > 0).any(0)  # [n]
@@ -98,7 +99,7 @@ def spliced_ce(adapter: Any, coder: SparseCoder, contexts: Tensor, layer: int, i
     """Clean and spliced next-token CE (nats/token) and KL(clean || spliced) on ``contexts``,
     over the predictions at ``positions`` (default all). ``clean``: a dict filled with / reused
     for the clean log-probs (one cell after another share them)."""
-    device = next(adapter.model.parameters()).device
+    device = _device(adapter)
     sums = {"clean": 0.0, "spliced": 0.0, "kl": 0.0}
     count = 0
     for b, i in enumerate(range(0, contexts.shape[0], batch_contexts)):
@@ -149,7 +150,7 @@ def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, 
     rows = torch.randperm(x_h.shape[0], generator=torch.Generator().manual_seed(seed))[:jacobian_rows]
     jac_h = jacobian_error(reference, coder, x_h[rows], n_probes, seed)
     jac_p = jacobian_error(reference, coder, x_p, passage_probes, seed + 1)
-    mem = passage_features(coder, x_p, y_p, x_h, exclusive_rate)
+    mem = passage_features(coder, x_p, y_p, f_h, exclusive_rate)
     det = detect_datapoint_features(coder, reference, data.x_detector.to(dt), data.detector_keys,
                                     detector or DatapointConfig())
     clean_cache = clean_cache if clean_cache is not None else {}

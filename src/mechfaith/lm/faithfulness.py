@@ -144,11 +144,11 @@ def load_passage(spec: str) -> str | None:
 
 @torch.no_grad()
 def collect_inputs(adapter: ModelAdapter, contexts: Tensor, layer: int, input_site: str, output_site: str,
-                   batch_contexts: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+                   batch_contexts: int = 16, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Every position's coder input [n*L, d_in], recorded output [n*L, d_out] and position [n*L]."""
     xs, ys = [], []
     for batch in iter_model_activations(adapter, contexts, [layer], input_site, output_site,
-                                        batch_contexts, exclude_bos=False):
+                                        batch_contexts, exclude_bos=False, progress=progress):
         x, y = batch[layer]
         xs.append(x.float())
         ys.append(y.float())

@@ -38,6 +38,7 @@ from mechfaith.coders.config import ACTIVATIONS, DECODER_NORMS, KINDS, CoderConf
 from mechfaith.coders.files import load_coder, read_json, save_coder, write_json
 from mechfaith.configs import config_from_dict, config_to_dict, doc
 from mechfaith.errors import CoderFileError, ConfigError, InputError
+from mechfaith.faithfulness.report import json_safe
 from mechfaith.lm.activations import (INDEX_NAME, STORAGE_DTYPES, ActivationCache, ActivationConfig,
                                       CachedActivationStream, write_activation_cache)
 from mechfaith.lm.adapters import INPUT_SITES, ModelAdapter
@@ -228,18 +229,6 @@ def _check_sites(adapter: ModelAdapter, cfg: LMConfig) -> None:
                           f"uses {adapter.family.norm_kind} (use mlp_out)")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 # ---------------------------------------------------------------------- collect
 def collect(cfg: LMConfig, corpus_cfg: CorpusConfig, folder: str | Path, *,
             layers: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
@@ -277,7 +266,7 @@ def collect(cfg: LMConfig, corpus_cfg: CorpusConfig, folder: str | Path, *,
         "train_documents": len(corpus.train_documents), "val_documents": corpus.val_documents,
         "folder": str(folder),
     }
-    write_json(folder / COLLECT_JSON, _jsonable(summary))
+    write_json(folder / COLLECT_JSON, json_safe(summary))
     return summary
 
 
@@ -457,7 +446,7 @@ def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfi
         "steps": result.steps_done, "tokens": result.tokens_seen, "status": result.status,
     }
     if result.ok:
-        save_coder(coder, _coder_dir(out), training=_jsonable(meta))
+        save_coder(coder, _coder_dir(out), training=json_safe(meta))
     final = {k: result.final_metrics.get(k) for k in ("fve", "mse", "l0", "dead_frac", "loss", "jacobian_rel")
              if result.final_metrics.get(k) is not None}
     summary = {
@@ -468,7 +457,7 @@ def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfi
         "final_train_metrics": final, "train_seconds": round(result.elapsed_s, 2),
         "collect_seconds": collect_seconds, "total_seconds": round(time.perf_counter() - t_start, 2),
     }
-    write_json(out / TRAIN_JSON, _jsonable(summary))
+    write_json(out / TRAIN_JSON, json_safe(summary))
     if not result.ok:
         from mechfaith.errors import TrainingDiverged
         raise TrainingDiverged(result.message or "training diverged")
@@ -580,7 +569,7 @@ def evaluate(coder_path: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
         "keep_bos": keep_bos, "seconds": round(seconds, 2), "report": report.to_dict(),
     }
     path = Path(out) if out is not None else default_eval_path(ref)
-    write_json(path, _jsonable(result))
+    write_json(path, json_safe(result))
     result["path"] = str(path)
     return result
 

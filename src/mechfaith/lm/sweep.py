@@ -35,7 +35,8 @@ from mechfaith.lm.adapters import get_adapter, hooks_removed_after
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.fidelity import (FidelityConfig, _StatsAccumulator, kl_per_token, loss_recovered,
                                    mean_mlp_outputs, next_token_ce)
-from mechfaith.lm.pipeline import (ACTIVATIONS_DIR, LMCoderConfig, LMConfig, _jsonable, collect,
+from mechfaith.faithfulness.report import json_safe
+from mechfaith.lm.pipeline import (ACTIVATIONS_DIR, LMCoderConfig, LMConfig, collect,
                                    eval_contexts, get_model, open_coder, resolve_layer, train_coder)
 from mechfaith.lm.splice import ablate, splice
 from mechfaith.training.config import TrainConfig
@@ -232,7 +233,7 @@ def run_sweep(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
               "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
               "figure": str(out / SWEEP_PNG)}
     plot_sweep(result, out / SWEEP_PNG)
-    write_json(out / SWEEP_JSON, _jsonable(result))
+    write_json(out / SWEEP_JSON, json_safe(result))
     return result
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mechfaith.atomic import write_text_atomic
+from mechfaith.faithfulness.report import json_safe
 from mechfaith.reports import plots
 from mechfaith.toy.experiments import EXTRA_SETTINGS, MAIN_SETTINGS, ToyRun
 from mechfaith.toy.library import library_sample
@@ -27,16 +28,6 @@ COLUMNS = [("memorization", "memorization"), ("n_datapoint_features", "datapoint
            ("val_mse", "val MSE"), ("val_fvu", "val FVU"), ("l0", "L0"),
            ("p_feature_residual", "residual of +x1..3 features"),
            ("max_weight_product", "max ‖W_enc‖‖W_dec‖"), ("n_large_weight_features", "masking features")]
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _fmt(v: Any, std: Any = None) -> str:
@@ -251,7 +242,7 @@ def write_toy_outputs(run: ToyRun, out_dir: str | os.PathLike[str]) -> dict[str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(run, out)
-    write_text_atomic(out / "metrics.json", json.dumps(_json_safe(run.metrics), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(json_safe(run.metrics), indent=2, sort_keys=True) + "\n")
     write_html(run, out, figs)
     write_markdown(run, out, figs)
     paths = {"metrics": out / "metrics.json", "html": out / "report.html", "markdown": out / "report.md"}
