@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_peers  {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}  {os.cpu_count()} CPUs  "
           f"torch {torch.__version__}  threads {torch.get_num_threads()}  malloc tuned {tuned}  "
           f"load avg {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print(f"# peers: " + ", ".join(f"{k} {v}" for k, v in peers.items()))
+    print("# peers: " + ", ".join(f"{k} {v}" for k, v in peers.items()))
     print(f"# batch {B}, float32, Adam(fused) + grad clip 1.0; {args.rounds} rounds x {args.reps} interleaved "
           f"repetitions after {args.warmup} warm-up; ratios = peer time / mechfaith time (> 1: mechfaith faster)")
 

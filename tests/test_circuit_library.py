@@ -9,7 +9,6 @@ from mechfaith.errors import ConfigError, InputError
 from mechfaith.faithfulness.circuit_library import CircuitLibrary, decompose, nonneg_lasso
 from mechfaith.toy.data import datapoint
 from mechfaith.toy.library import abs_library, library_sample
-
 from test_memorization import D, ideal_coder, plant_datapoint
 
 

@@ -8,8 +8,14 @@ import itertools
 import pytest
 import torch
 
-from mechfaith.coders import (ACTIVATIONS, CoderConfig, SparseCoder, build_coder,
-                              jacobian_contribution_penalty, sparsity_penalty)
+from mechfaith.coders import (
+    ACTIVATIONS,
+    CoderConfig,
+    SparseCoder,
+    build_coder,
+    jacobian_contribution_penalty,
+    sparsity_penalty,
+)
 from mechfaith.errors import ConfigError, InputError
 
 D_IN, N_LAT, D_OUT, BATCH = 5, 12, 4, 7

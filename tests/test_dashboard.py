@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from mechfaith.circuits.dashboard_data import collect_activations, feature_dashboards
-from mechfaith.circuits.pullback import de_embedding
 from mechfaith.circuits.parts import model_parts
+from mechfaith.circuits.pullback import de_embedding
 from mechfaith.reports.dashboard import write_dashboards
 from test_circuits_attribution import make_setup
 

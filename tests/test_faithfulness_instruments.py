@@ -10,8 +10,7 @@ import torch
 
 from mechfaith.coders import CoderConfig, SparseCoder
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.faithfulness.agreement import (jacobian_agreement, jacobian_spectra, per_row_jvp_errors,
-                                              spectrum_summary)
+from mechfaith.faithfulness.agreement import jacobian_agreement, jacobian_spectra, per_row_jvp_errors, spectrum_summary
 from mechfaith.faithfulness.datapoints import DatapointConfig, detect_datapoint_features
 from mechfaith.faithfulness.jacobian import exact_jacobians, jvp_error_estimate
 from mechfaith.faithfulness.masking import MaskingConfig, detect_gradient_masking

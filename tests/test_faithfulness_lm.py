@@ -16,8 +16,15 @@ from mechfaith.configs import config_to_dict  # noqa: E402
 from mechfaith.errors import ConfigError, InputError  # noqa: E402
 from mechfaith.faithfulness.report import FaithfulnessConfig  # noqa: E402
 from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
-from mechfaith.lm.faithfulness import (LMFaithfulnessConfig, collect_inputs, context_keys,  # noqa: E402
-                                       lm_faithfulness, plant_repeats, shuffle_tokens, tokenize_text)
+from mechfaith.lm.faithfulness import (  # noqa: E402
+    LMFaithfulnessConfig,
+    collect_inputs,
+    context_keys,
+    lm_faithfulness,
+    plant_repeats,
+    shuffle_tokens,
+    tokenize_text,
+)
 from mechfaith.lm.pipeline import LMConfig, eval_contexts, get_model  # noqa: E402
 
 torch.set_num_threads(1)

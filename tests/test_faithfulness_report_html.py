@@ -10,10 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from browser import open_page, require_browser  # noqa: E402
-from test_faithfulness_instruments import planted_case  # noqa: E402
-
 from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report  # noqa: E402
 from mechfaith.reports.faithfulness_report import faithfulness_html, write_faithfulness_html  # noqa: E402
+from test_faithfulness_instruments import planted_case  # noqa: E402
 
 torch.set_num_threads(1)
 

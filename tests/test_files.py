@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechfaith.coders import ACTIVATIONS, CoderConfig, SparseCoder, build_coder
-from mechfaith.coders import files
-from mechfaith.coders.files import (CONFIG_NAME, WEIGHTS_NAME, load_coder, read_json, read_tensors,
-                                    save_coder, write_json, write_tensors)
+from mechfaith.coders import ACTIVATIONS, CoderConfig, SparseCoder, build_coder, files
+from mechfaith.coders.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_coder,
+    read_json,
+    read_tensors,
+    save_coder,
+    write_json,
+    write_tensors,
+)
 from mechfaith.errors import CoderFileError
 
 

@@ -9,8 +9,7 @@ from torch import nn
 
 from mechfaith.coders import CoderConfig, SparseCoder, build_coder
 from mechfaith.errors import InputError
-from mechfaith.faithfulness.jacobian import (exact_jacobians, frobenius_error_exact,
-                                             jvp_error_estimate)
+from mechfaith.faithfulness.jacobian import exact_jacobians, frobenius_error_exact, jvp_error_estimate
 from mechfaith.training.jacobian_matching import jacobian_matching
 
 D, HIDDEN, LATENTS = 6, 10, 16

@@ -6,9 +6,15 @@ import torch
 pytest.importorskip("transformers")
 
 from mechfaith.errors import CoderFileError, ConfigError  # noqa: E402
-from mechfaith.lm.activations import (ActivationCache, ActivationConfig, CachedActivationStream,  # noqa: E402
-                                      ModelActivationStream, ShuffleBuffer, iter_model_activations,
-                                      write_activation_cache)
+from mechfaith.lm.activations import (  # noqa: E402
+    ActivationCache,
+    ActivationConfig,
+    CachedActivationStream,
+    ModelActivationStream,
+    ShuffleBuffer,
+    iter_model_activations,
+    write_activation_cache,
+)
 from mechfaith.lm.models import random_model  # noqa: E402
 
 torch.set_num_threads(1)

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.lm.corpus import (CorpusConfig, Document, build_corpus, pack, split_documents,
-                                 text_file_documents)
+from mechfaith.lm.corpus import CorpusConfig, Document, build_corpus, pack, split_documents, text_file_documents
 
 
 class CharTokenizer:

@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("transformers")
 
 from browser import open_page, require_browser  # noqa: E402
-
 from mechfaith.coders import CoderConfig, SparseCoder  # noqa: E402
 from mechfaith.errors import ConfigError  # noqa: E402
 from mechfaith.lm import experiment as exp_mod  # noqa: E402

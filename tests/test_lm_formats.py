@@ -16,8 +16,13 @@ import torch
 from mechfaith.coders import CoderConfig, SparseCoder
 from mechfaith.coders.files import write_tensors
 from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.lm.formats import (UnsafePickleError, export_saelens, import_gpt2_transcoder, import_saelens,
-                                  safe_torch_load)
+from mechfaith.lm.formats import (
+    UnsafePickleError,
+    export_saelens,
+    import_gpt2_transcoder,
+    import_saelens,
+    safe_torch_load,
+)
 
 torch.set_num_threads(1)
 

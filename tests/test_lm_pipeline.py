@@ -15,9 +15,19 @@ from mechfaith.errors import ConfigError  # noqa: E402
 from mechfaith.lm.activations import ActivationCache, CachedActivationStream  # noqa: E402
 from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
 from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity  # noqa: E402
-from mechfaith.lm.pipeline import (ByteTokenizer, ColumnStream, LMCoderConfig, LMConfig, collect,  # noqa: E402
-                                   evaluate, get_model, init_skip_lstsq, lm_train_config, scale_encoder_,
-                                   train_coder)
+from mechfaith.lm.pipeline import (  # noqa: E402
+    ByteTokenizer,
+    ColumnStream,
+    LMCoderConfig,
+    LMConfig,
+    collect,
+    evaluate,
+    get_model,
+    init_skip_lstsq,
+    lm_train_config,
+    scale_encoder_,
+    train_coder,
+)
 from mechfaith.lm.splice import splice  # noqa: E402
 from mechfaith.lm.sweep import SpliceEntry, evaluate_many, run_sweep  # noqa: E402
 
@@ -197,7 +207,7 @@ def test_byte_tokenizer_keeps_bos_free():
 def test_sweep_writes_json_and_png(corpus_cfg, tmp_path):
     cfg = lm_cfg("gpt2", train_tokens=1500)
     tcfg = lm_train_config(n_steps=30, batch_size=128, log_every=15, checkpoint_every=0)
-    r = run_sweep(cfg, corpus_cfg, LMCoderConfig(expansion=4), tcfg, [2, 8], tmp_path / "sw", progress=False)
+    run_sweep(cfg, corpus_cfg, LMCoderConfig(expansion=4), tcfg, [2, 8], tmp_path / "sw", progress=False)
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [r_["name"] for r_ in saved["runs"]] == ["transcoder_k2", "transcoder_k8", "sae_k2", "sae_k8"]

@@ -9,9 +9,13 @@ import torch
 
 from mechfaith.coders import CoderConfig, SparseCoder
 from mechfaith.errors import InputError
-from mechfaith.faithfulness.memorization import (feature_contributions, feature_memorization,
-                                                 find_datapoint_features, jacobian_at_point,
-                                                 model_memorization)
+from mechfaith.faithfulness.memorization import (
+    feature_contributions,
+    feature_memorization,
+    find_datapoint_features,
+    jacobian_at_point,
+    model_memorization,
+)
 from mechfaith.toy.data import datapoint
 from mechfaith.toy.model import AbsMLP, abs_jacobian
 

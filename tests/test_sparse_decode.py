@@ -9,8 +9,7 @@ import torch
 
 from mechfaith.coders import CoderConfig, SparseCoder, build_coder
 from mechfaith.coders.penalties import sparsity_penalty
-from mechfaith.coders.sparse_decode import (SparseCoderOutput, SparseDecodeCoder, enable_sparse_decode,
-                                            sparse_decode)
+from mechfaith.coders.sparse_decode import SparseCoderOutput, SparseDecodeCoder, enable_sparse_decode, sparse_decode
 from mechfaith.training import TrainConfig, Trainer
 
 torch.set_num_threads(1)

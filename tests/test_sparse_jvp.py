@@ -133,7 +133,7 @@ def test_flag_defaults_and_dense_fallback() -> None:
 def test_no_active_latents(skip: bool) -> None:
     """Rows (or the whole batch) without active latents: J v is the skip term alone."""
     coder = make_coder("topk", skip)
-    x, v = _tangent(1, 7), _tangent(3, 8)
+    _x, v = _tangent(1, 7), _tangent(3, 8)
     for empty, mask in ((True, torch.zeros(BATCH, N_LAT, dtype=torch.bool)),
                         (False, torch.rand(BATCH, N_LAT, generator=_gen(9)) < 0.2)):
         mask[0] = False

@@ -10,8 +10,7 @@ import torch
 
 from mechfaith.errors import ConfigError
 from mechfaith.toy.data import datapoint, sample_sparse, sample_with_repeats
-from mechfaith.toy.experiments import (MAIN_SETTINGS, QUICK, ToyConfig, claims, member_specs,
-                                       quick_config, spearman)
+from mechfaith.toy.experiments import MAIN_SETTINGS, QUICK, ToyConfig, claims, member_specs, quick_config, spearman
 from mechfaith.toy.model import AbsMLP, abs_jacobian
 
 

@@ -13,8 +13,7 @@ import torch
 from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.files import load_coder
 from mechfaith.errors import ConfigError, InputError, TrainingDiverged
-from mechfaith.training import (FunctionStream, IterableStream, TensorStream, TrainConfig, Trainer,
-                                load_checkpoint)
+from mechfaith.training import FunctionStream, IterableStream, TensorStream, TrainConfig, Trainer, load_checkpoint
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
 

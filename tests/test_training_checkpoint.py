@@ -11,8 +11,15 @@ import torch
 from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.files import load_coder
 from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.training import (FunctionStream, IterableStream, TensorStream, TrainConfig, Trainer,
-                                is_checkpoint, load_checkpoint)
+from mechfaith.training import (
+    FunctionStream,
+    IterableStream,
+    TensorStream,
+    TrainConfig,
+    Trainer,
+    is_checkpoint,
+    load_checkpoint,
+)
 from mechfaith.training import checkpoint as ckpt
 
 D_IN, D_OUT, N_LAT = 6, 5, 24

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.training.streams import (BatchStream, FunctionStream, IterableStream, TensorStream,
-                                        as_stream, split_batch)
+from mechfaith.training.streams import BatchStream, FunctionStream, IterableStream, TensorStream, as_stream, split_batch
 
 
 def _take(stream, n):

@@ -40,7 +40,7 @@ def build_graph(result: SearchResult, *, n_layers: int, tokens: list[int] | None
     edges: dict[tuple[str, str], float] = defaultdict(float)
     breakdown: dict[str, dict[str, float]] = {}
     unexpanded: dict[str, float] = defaultdict(float)
-    abs_children: dict[str, float] = defaultdict(float)
+    defaultdict(float)
     for o in occs:
         nd = nodes.get(o.name)
         if nd is None:

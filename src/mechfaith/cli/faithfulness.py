@@ -26,7 +26,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 SECTIONS = ("faithfulness", "datapoints", "masking", "lm_faithfulness")
@@ -131,7 +130,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
     for r in rep["table"]:
         print(" | ".join([f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", str(r["k"]),
                           _fmt(r["memorization"], r["memorization_sd"]), _fmt(r["n_passage_features"]),
-                          _fmt(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]), _fmt(r["passage_jacobian_rel"]), _fmt(r["jacobian_rel"], r["jacobian_rel_sd"]),
+                          _fmt(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]), _fmt(r["passage_jacobian_rel"]),
+                          _fmt(r["jacobian_rel"], r["jacobian_rel_sd"]),
                           _fmt(r["fve"], r["fve_sd"]), _fmt(r["l0"]), _fmt(r["ce_increase"], r["ce_increase_sd"])]))
     for line in rep["findings"]:
         print("- " + line)

@@ -40,6 +40,7 @@ from torch import Tensor
 from mechfaith.coders import activations as acts
 from mechfaith.coders.coder import CoderOutput, SparseCoder
 
+
 def _csr(crow: Tensor, col: Tensor, val: Tensor, rows: int, cols: int) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta state"

@@ -114,7 +114,7 @@ class SparseJvpFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: Tensor, crow: Tensor, col: Tensor, row: Tensor, W_enc: Tensor,
                 W_dec: Tensor, W_skip: Tensor | None) -> Tensor:
-        rows, n = v.shape[0], W_enc.shape[1]
+        rows, _n = v.shape[0], W_enc.shape[1]
         v = v.contiguous()
         t = _sddmm(crow, col, v, W_enc)  # [nnz] latents' tangent at the active entries
         jv = _spmm(crow, col, t, rows, W_dec)  # [rows, d_out]

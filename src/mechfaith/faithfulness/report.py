@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import PurePath
 from dataclasses import asdict, dataclass
+from pathlib import PurePath
 from typing import Any, Callable, Mapping
 
 import torch

@@ -37,8 +37,17 @@ from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.experiment_data import ExperimentData, build_experiment_data
 from mechfaith.lm.experiment_metrics import measure_cell
 from mechfaith.lm.faithfulness import load_passage, tokenize_text
-from mechfaith.lm.pipeline import (LMConfig, center_encoder_, eval_contexts, get_corpus, get_model,
-                                   init_skip_lstsq, lm_train_config, resolve_layer, scale_encoder_)
+from mechfaith.lm.pipeline import (
+    LMConfig,
+    center_encoder_,
+    eval_contexts,
+    get_corpus,
+    get_model,
+    init_skip_lstsq,
+    lm_train_config,
+    resolve_layer,
+    scale_encoder_,
+)
 from mechfaith.training.streams import TensorStream
 from mechfaith.training.trainer import Trainer
 

@@ -38,8 +38,15 @@ from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_repor
 from mechfaith.lm.activations import iter_model_activations
 from mechfaith.lm.adapters import ModelAdapter
 from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.pipeline import (LMConfig, ByteTokenizer, eval_contexts, get_corpus, get_model,
-                                   open_coder, resolve_layer)
+from mechfaith.lm.pipeline import (
+    ByteTokenizer,
+    LMConfig,
+    eval_contexts,
+    get_corpus,
+    get_model,
+    open_coder,
+    resolve_layer,
+)
 
 log = logging.getLogger(__name__)
 

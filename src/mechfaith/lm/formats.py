@@ -30,9 +30,7 @@ which may replace ``mlp_out`` directly because every reader of the residual stre
 from __future__ import annotations
 
 import io
-import json
 import logging
-import math
 import os
 import pickle
 import re

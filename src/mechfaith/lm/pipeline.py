@@ -39,12 +39,17 @@ from mechfaith.coders.files import load_coder, read_json, save_coder, write_json
 from mechfaith.configs import config_from_dict, config_to_dict, doc
 from mechfaith.errors import CoderFileError, ConfigError, InputError
 from mechfaith.faithfulness.report import json_safe
-from mechfaith.lm.activations import (INDEX_NAME, STORAGE_DTYPES, ActivationCache, ActivationConfig,
-                                      CachedActivationStream, write_activation_cache)
-from mechfaith.lm.adapters import INPUT_SITES, ModelAdapter
+from mechfaith.lm.activations import (
+    INDEX_NAME,
+    STORAGE_DTYPES,
+    ActivationCache,
+    ActivationConfig,
+    CachedActivationStream,
+    write_activation_cache,
+)
+from mechfaith.lm.adapters import FAMILIES, INPUT_SITES, ModelAdapter
 from mechfaith.lm.corpus import Corpus, CorpusConfig, build_corpus
 from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity
-from mechfaith.lm.adapters import FAMILIES
 from mechfaith.lm.models import ALIASES, BUILTINS, LoadedModel, load_model
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.trainer import Trainer

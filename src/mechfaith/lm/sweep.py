@@ -31,13 +31,28 @@ from tqdm.auto import tqdm
 from mechfaith.atomic import write_bytes_atomic
 from mechfaith.coders.files import write_json
 from mechfaith.errors import ConfigError
+from mechfaith.faithfulness.report import json_safe
 from mechfaith.lm.adapters import get_adapter, hooks_removed_after
 from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.fidelity import (FidelityConfig, _StatsAccumulator, kl_per_token, loss_recovered,
-                                   mean_mlp_outputs, next_token_ce)
-from mechfaith.faithfulness.report import json_safe
-from mechfaith.lm.pipeline import (ACTIVATIONS_DIR, LMCoderConfig, LMConfig, collect,
-                                   eval_contexts, get_model, open_coder, resolve_layer, train_coder)
+from mechfaith.lm.fidelity import (
+    FidelityConfig,
+    _StatsAccumulator,
+    kl_per_token,
+    loss_recovered,
+    mean_mlp_outputs,
+    next_token_ce,
+)
+from mechfaith.lm.pipeline import (
+    ACTIVATIONS_DIR,
+    LMCoderConfig,
+    LMConfig,
+    collect,
+    eval_contexts,
+    get_model,
+    open_coder,
+    resolve_layer,
+    train_coder,
+)
 from mechfaith.lm.splice import ablate, splice
 from mechfaith.training.config import TrainConfig
 

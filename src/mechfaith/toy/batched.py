@@ -169,7 +169,8 @@ def member_losses(coder: BatchedCoder, reference: Reference, x: Tensor, hyper: G
 
     ``v`` [G, B, d_in] or [n_probes, G, B, d_in] are the Jacobian probes (needed when any member
     has a Jacobian term; only the members with a nonzero coefficient pay for each term). Returns the keys ``mse``, ``tanh_l1``,
-    ``l1``, ``jacobian``, ``jac_contrib``, ``sparsity`` (the weighted penalty, times ``sparsity_scale``, the warm-up factor), ``total``, and
+    ``l1``, ``jacobian``, ``jac_contrib``, ``sparsity`` (the weighted penalty, times ``sparsity_scale``,
+    the warm-up factor), ``total``, and
     ``fired`` [G, n] (how many inputs of the batch each latent fired on; not a loss).
     """
     if y is None:

@@ -27,8 +27,7 @@ from mechfaith.coders import SparseCoder
 from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import ConfigError
 from mechfaith.faithfulness.circuit_library import Decomposition, decompose
-from mechfaith.faithfulness.memorization import (feature_memorization, find_datapoint_features,
-                                                 jacobian_at_point)
+from mechfaith.faithfulness.memorization import feature_memorization, find_datapoint_features, jacobian_at_point
 from mechfaith.toy.batched import MemberSpec
 from mechfaith.toy.data import datapoint, sample_sparse
 from mechfaith.toy.library import abs_library, library_sample

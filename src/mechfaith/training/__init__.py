@@ -13,8 +13,7 @@ from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
 from mechfaith.training.jacobian_matching import JacobianMatch, jacobian_matching
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
-from mechfaith.training.streams import (BatchStream, FunctionStream, IterableStream, TensorStream,
-                                        as_stream)
+from mechfaith.training.streams import BatchStream, FunctionStream, IterableStream, TensorStream, as_stream
 from mechfaith.training.trainer import LossTerms, Trainer, TrainResult, train
 
 __all__ = ["BatchStream", "Checkpoint", "DeadLatentTracker", "FunctionStream", "IterableStream",
