@@ -17,7 +17,7 @@ everyone; every step is forward + loss + backward + gradient-norm clipping at 1.
     SAELens ``TopKTrainingSAE`` (dense activations, its default, and ``use_sparse_activations``)
     and sparsify ``SparseCoder`` (its eager CPU path: ``embedding_bag`` decoder, ``index_add``
     encoder backward; the Triton kernels need a GPU).
-(c) a sweep of 8 coders 576 -> 1152 (ReLU + L1, 8 L1 coefficients): mechfaith ``SweepTrainer``
+(c) a sweep of 8 coders 576 -> 1152 (ReLU + L1, 8 L1 coefficients): mechfaith ``StackTrainer``
     (one batched model, float32 and bf16 autocast) vs 8 mechfaith ``Trainer.step`` one after
     another, vs 8 SAELens steps; and a TopK sweep over 8 values of k: mechfaith batched vs 8
     mechfaith sparse-TopK steps vs 8 sparsify steps. (Neither peer has a batched sweep; on the
@@ -52,7 +52,8 @@ from mechfaith.coders import CoderConfig, build_coder  # noqa: E402
 from mechfaith.coders.sparse_decode import enable_sparse_decode  # noqa: E402
 from mechfaith.perf import tune_malloc  # noqa: E402
 from mechfaith.training import TrainConfig, Trainer  # noqa: E402
-from mechfaith.training.sweep import CoderSweep, SweepMember, SweepTrainer, bf16_supported  # noqa: E402
+from mechfaith.training.stack import CoderStack, StackMember  # noqa: E402
+from mechfaith.training.stack_trainer import StackTrainer, bf16_supported  # noqa: E402
 
 Step = Callable[[], Any]
 
@@ -85,9 +86,10 @@ def mf_topk(x, d, n, k, sparse: bool) -> Step:
 
 
 def mf_sweep(x, d, n, members, activation, sparsity, bf16: bool) -> Step:
-    sw = CoderSweep(CoderConfig(d_in=d, n_latents=n, kind="sae", activation=activation, k=max(m.k or 1 for m in members),
-                                decoder_norm="unit" if activation == "topk" else "penalty"), members)
-    tr = SweepTrainer(sw, _mf_cfg(sparsity=sparsity), mixed_precision="bf16" if bf16 else "no", progress=False)
+    base = CoderConfig(d_in=d, n_latents=n, kind="sae", activation=activation, k=max(m.k or 1 for m in members),
+                       decoder_norm="unit" if activation == "topk" else "penalty")
+    tr = StackTrainer(CoderStack.from_members(base, members), _mf_cfg(sparsity=sparsity), members=members,
+                      mixed_precision="bf16" if bf16 else "no", progress=False)
     return lambda: tr.step(x)
 
 
@@ -340,11 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         n = args.sweep_latents
         coefs = [1e-4 * 2 ** i for i in range(S)]
         print(f"(c1) sweep of {S} ReLU + L1 coders {D} -> {n} (L1 coefficients {coefs[0]:g}..{coefs[-1]:g})")
-        c = {"batched": mf_sweep(x, D, n, [SweepMember(sparsity_coef=v) for v in coefs], "relu", "l1", False),
+        c = {"batched": mf_sweep(x, D, n, [StackMember(sparsity_coef=v) for v in coefs], "relu", "l1", False),
              "sequential": seq([mf_relu(x, D, n, v) for v in coefs])}
         if bf16_supported("cpu"):
-            c["batched_bf16"] = mf_sweep(x, D, n, [SweepMember(sparsity_coef=v) for v in coefs], "relu", "l1", True)
-            c["sequential_bf16"] = seq([mf_sweep(x, D, n, [SweepMember(sparsity_coef=v)], "relu", "l1", True)
+            c["batched_bf16"] = mf_sweep(x, D, n, [StackMember(sparsity_coef=v) for v in coefs], "relu", "l1", True)
+            c["sequential_bf16"] = seq([mf_sweep(x, D, n, [StackMember(sparsity_coef=v)], "relu", "l1", True)
                                         for v in coefs])
         if "sae_lens" in peers:
             c["saelens_seq"] = seq([sl_relu(x, D, n, v) for v in coefs])
@@ -364,10 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(f"    {S} sequential SAELens steps / batched = {summary(rows, 'saelens_seq', 'batched')}")
         ks = [8 * (i + 1) for i in range(S)]
         print(f"(c2) sweep of {S} TopK coders {D} -> {n} (k = {ks[0]}..{ks[-1]})")
-        c = {"batched": mf_sweep(x, D, n, [SweepMember(k=v) for v in ks], "topk", "none", False),
+        c = {"batched": mf_sweep(x, D, n, [StackMember(k=v) for v in ks], "topk", "none", False),
              "sequential": seq([mf_topk(x, D, n, v, sparse=True) for v in ks])}
         if bf16_supported("cpu"):
-            c["batched_bf16"] = mf_sweep(x, D, n, [SweepMember(k=v) for v in ks], "topk", "none", True)
+            c["batched_bf16"] = mf_sweep(x, D, n, [StackMember(k=v) for v in ks], "topk", "none", True)
         if "sparsify" in peers:
             c["sparsify_seq"] = seq([sp_topk(x, D, n, v) for v in ks])
         if "sae_lens" in peers:

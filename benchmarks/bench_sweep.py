@@ -15,7 +15,7 @@ Two sources of activations, each timed per training step of all 8 coders:
   32 contexts of 129 tokens (BOS left out: 4096 rows).
 - ``cache``: the batch is already in memory (an activation cache in RAM): compute only.
 
-Sequential = 8 x (activations + ``Trainer.step``); batched = activations + ``SweepTrainer.step``
+Sequential = 8 x (activations + ``Trainer.step``); batched = activations + ``StackTrainer.step``
 (float32, and bf16 autocast where the CPU supports it). Each repetition times all variants back
 to back (interleaved); medians per round, then median and range over rounds.
 """
@@ -37,7 +37,8 @@ from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.sparse_decode import enable_sparse_decode
 from mechfaith.perf import tune_malloc
 from mechfaith.training import TrainConfig, Trainer
-from mechfaith.training.sweep import CoderSweep, SweepMember, SweepTrainer, bf16_supported
+from mechfaith.training.stack import CoderStack, StackMember
+from mechfaith.training.stack_trainer import StackTrainer, bf16_supported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,21 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.only.split(","):
         if kind == "relu":
             coefs = [1e-4 * 2 ** i for i in range(S)]
-            members = [SweepMember(sparsity_coef=c) for c in coefs]
+            members = [StackMember(sparsity_coef=c) for c in coefs]
             base = CoderConfig(d_in=D, n_latents=N, kind="sae")
             tc = TrainConfig(**{**tcfg.__dict__, "sparsity": "l1"})
             singles = [Trainer(build_coder(base, seed=i), TrainConfig(**{**tc.__dict__, "sparsity_coef": c}),
                                progress=False) for i, c in enumerate(coefs)]
         else:
             ks = [8 * (i + 1) for i in range(S)]
-            members = [SweepMember(k=k) for k in ks]
+            members = [StackMember(k=k) for k in ks]
             base = CoderConfig(d_in=D, n_latents=N, kind="sae", activation="topk", k=max(ks), decoder_norm="unit")
             tc = TrainConfig(**{**tcfg.__dict__, "sparsity": "none"})
             singles = [Trainer(enable_sparse_decode(build_coder(CoderConfig(**{**base.__dict__, "k": k}), seed=i)),
                                tc, progress=False) for i, k in enumerate(ks)]
-        sweeps = {"batched": SweepTrainer(CoderSweep(base, members), tc, progress=False)}
+        sweeps = {"batched": StackTrainer(CoderStack.from_members(base, members), tc, members=members,
+                                             progress=False)}
         if bf16:
-            sweeps["batched_bf16"] = SweepTrainer(CoderSweep(base, members), tc, mixed_precision="bf16",
+            sweeps["batched_bf16"] = StackTrainer(CoderStack.from_members(base, members), tc, members=members,
+                                                  mixed_precision="bf16",
                                                   progress=False)
         variants: dict[str, Callable[[], Any]] = {
             "fwd": activations,

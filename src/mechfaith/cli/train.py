@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> in
     trainer = Trainer(coder, tcfg, reference=reference, log_path=out / "train.jsonl",
                       checkpoint_dir=ckpt, progress=not args.quiet, desc="demo")
     # The trainer logs a divergence as an ERROR; the CLI reports it itself as its one error line.
-    trainer_log = logging.getLogger("mechfaith.training.trainer")
+    trainer_log = logging.getLogger("mechfaith.training.engine")
     hide_divergence = _DropDivergence()
     trainer_log.addFilter(hide_divergence)
     try:

@@ -244,7 +244,7 @@ def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
     t_train = time.perf_counter() - t0
     x_val = sample_sparse((cfg.val_samples, cfg.d), cfg.density,
                           torch.Generator().manual_seed(cfg.seed + 20_000))
-    per_member = [measure(grid.coder.member(g), mlp, p, x_val, cfg.datapoint_threshold)
+    per_member = [measure(grid.coder.member_coder(g), mlp, p, x_val, cfg.datapoint_threshold)
                   for g in range(len(specs))]
 
     settings: dict[str, Any] = {}
@@ -269,7 +269,7 @@ def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
             entry[f"{key}_seeds"] = vals
         entry["seeds_with_datapoint_feature"] = sum(m.n_datapoint_features > 0 for m in ms)
         settings[name] = entry
-        examples[name] = grid.coder.member(idx[0])
+        examples[name] = grid.coder.member_coder(idx[0])
 
     lib = abs_library(p)
     sample = library_sample(p, cfg.library_samples, cfg.density, 0.05, seed=cfg.seed + 30_000)
@@ -282,7 +282,7 @@ def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
             idx = idx[:1]
         rot, other, on_dp = [], [], []
         for k, g in enumerate(idx):
-            dec = decomps[name] if k == 0 else decompose(grid.coder.member(g), lib, sample)
+            dec = decomps[name] if k == 0 else decompose(grid.coder.member_coder(g), lib, sample)
             rot.append(_mean_residual(dec, support_rows, inside=True))
             other.append(_mean_residual(dec, support_rows, inside=False))
             on_dp.append(int((dec.best() == len(lib) - 1).sum()))

@@ -46,9 +46,10 @@ def decay_factor(step: int, n_steps: int, kind: str, frac: float, final: float) 
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of step ``step``."""
-    return (cfg.lr * warmup_factor(step, cfg.lr_warmup_steps)
-            * decay_factor(step, cfg.n_steps, cfg.lr_decay, cfg.lr_decay_frac, cfg.lr_final_frac))
+    """The learning rate of step ``step`` (``lr * (step + 1) / warmup`` in the warm-up)."""
+    lr = cfg.lr * (step + 1) / cfg.lr_warmup_steps if step < cfg.lr_warmup_steps else cfg.lr
+    decay = decay_factor(step, cfg.n_steps, cfg.lr_decay, cfg.lr_decay_frac, cfg.lr_final_frac)
+    return lr if decay == 1.0 else lr * decay
 
 
 def sparsity_coef_at(step: int, cfg: TrainConfig) -> float:

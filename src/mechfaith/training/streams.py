@@ -45,14 +45,24 @@ class BatchStream(Protocol):
         ...
 
 
+def _tensors(items: Any, allow_none: bool = False) -> bool:
+    return isinstance(items, (tuple, list)) and len(items) > 0 and all(
+        isinstance(t, Tensor) or (allow_none and t is None) for t in items)
+
+
 def split_batch(item: Any) -> tuple[Tensor, Tensor | None]:
-    """Normalise ``(x, y)``, ``(x, None)``, ``(x,)`` or ``x`` to ``(x, y_or_None)``."""
+    """Normalise ``(x, y)``, ``(x, None)``, ``(x,)`` or ``x`` to ``(x, y_or_None)``.
+
+    For an engine with several members, ``x`` (and ``y``) may be tuples with one tensor per member.
+    """
     if isinstance(item, Tensor):
         return item, None
     if isinstance(item, (tuple, list)) and len(item) in (1, 2):
         x = item[0]
         y = item[1] if len(item) == 2 else None
         if isinstance(x, Tensor) and (y is None or isinstance(y, Tensor)):
+            return x, y
+        if _tensors(x) and (y is None or _tensors(y, allow_none=True)):  # one (x, y) per engine member
             return x, y
     raise InputError(f"a batch must be a tensor x or a tuple (x, y) of tensors, got {type(item).__name__}")
 

@@ -26,20 +26,14 @@ the log step's batch, before its update. A resumed run first cuts the log back t
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from mechfaith.atomic import write_text_atomic
 from mechfaith.coders.coder import CoderOutput, SparseCoder
 from mechfaith.coders.penalties import jacobian_contribution_penalty, sparsity_penalty
 from mechfaith.configs import config_to_dict
@@ -47,9 +41,10 @@ from mechfaith.errors import CoderFileError, ConfigError, InputError, TrainingDi
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
+from mechfaith.training.engine import Engine, EngineMember, PendingStep, TrainResult, run_step
 from mechfaith.training.jacobian_matching import jacobian_matching
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
-from mechfaith.training.streams import BatchStream, as_stream
+from mechfaith.training.streams import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +66,6 @@ class LossTerms:
     jacobian_ref_sq: Tensor | None = None  # mean ||J_ref v||^2 (relative error = jacobian / this)
     jacobian_contribution: Tensor | None = None
     auxk: Tensor | None = None
-
-
-@dataclass
-class TrainResult:
-    """How a :meth:`Trainer.fit` call ended."""
-
-    status: str  # 'completed' | 'diverged'
-    steps_done: int  # steps done in total (resumed ones included)
-    tokens_seen: int
-    final_metrics: dict[str, Any] = field(default_factory=dict)  # the last log record
-    message: str = ""  # why it diverged, or that the stream ran out
-    elapsed_s: float = 0.0  # training time, resumed runs included
-    stream_exhausted: bool = False  # the stream ended before n_steps
-    checkpoint_dir: Path | None = None
-    log_path: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
 
 
 def _total_norm(grads: list[Tensor]) -> Tensor:
@@ -116,7 +92,7 @@ def _make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.opti
         return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
-class Trainer:
+class Trainer(EngineMember):
     """Trains one :class:`SparseCoder` in place.
 
     ``reference``: the function the coder replaces (e.g. the real MLP), ``[B, d_in] -> [B, d_out]``;
@@ -129,7 +105,7 @@ class Trainer:
 
     def __init__(self, coder: SparseCoder, cfg: TrainConfig, reference: Reference | None = None,
                  log_path: str | Path | None = None, checkpoint_dir: str | Path | None = None, *,
-                 progress: bool = True, desc: str = "train") -> None:
+                 progress: bool = True, desc: str = "train", name: str = "coder") -> None:
         if not isinstance(coder, SparseCoder):
             raise ConfigError(f"Trainer: coder must be a SparseCoder, got {type(coder).__name__}")
         if not isinstance(cfg, TrainConfig):
@@ -154,6 +130,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.progress = progress
         self.desc = desc
+        self.name = name
         self.param_names: dict[str, torch.nn.Parameter] = {
             n: p for n, p in coder.named_parameters() if p.requires_grad}
         self.params = list(self.param_names.values())
@@ -174,10 +151,17 @@ class Trainer:
             coder.normalize_decoder_()
 
     # ------------------------------------------------------------------------------------ one step
-    def is_log_step(self, index: int) -> bool:
-        """Whether step ``index`` (0-based) computes metrics: the first, every log_every-th, the last."""
-        done = index + 1
-        return index == 0 or done % self.cfg.log_every == 0 or done == self.cfg.n_steps
+    @property
+    def n_steps(self) -> int:  # type: ignore[override]
+        return self.cfg.n_steps
+
+    @property
+    def log_every(self) -> int:  # type: ignore[override]
+        return self.cfg.log_every
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.cfg.checkpoint_every
 
     def _prepare(self, x: Tensor, y: Tensor | None, where: str) -> tuple[Tensor, Tensor | None]:
         coder = self.coder
@@ -276,12 +260,14 @@ class Trainer:
         Raises :class:`InputError` for a bad batch and :class:`TrainingDiverged` when the loss or
         a gradient is NaN/inf; in both cases nothing (weights, Adam, counters) has changed.
         """
+        return run_step([self], [(x, y)], metrics)[0]
+
+    def begin_step(self, x: Tensor, y: Tensor | None, want_metrics: bool) -> PendingStep:
+        """Forward and backward pass, gradient clipping and the values to synchronise (no update)."""
         cfg, coder = self.cfg, self.coder
         index = self.step_count
-        where = f"batch of step {index + 1}"
-        y_given = y
-        x, y = self._prepare(x, y, where)
-        want_metrics = self.is_log_step(index) if metrics is None else metrics
+        batch_given = (x, y)
+        x, y = self._prepare(x, y, f"batch of step {index + 1}")
         lr = lr_at(index, cfg)
         coef = sparsity_coef_at(index, cfg)
         for group in self.optimizer.param_groups:
@@ -327,19 +313,22 @@ class Trainer:
             stacked = torch.stack([v.to(torch.float64) for v in values])
             if self.sync is not None:
                 stacked = self.sync.reduce_values(stacked)  # means over processes
-            synced = stacked.tolist()  # the one host sync
-        got = dict(zip(names, synced))
-        if not (math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._raise_nonfinite(index, x, y_given, got["loss"], got["grad_norm"])
+        return PendingStep(names, stacked, (new_since, rows, lr, coef), batch_given)
 
+    def abort_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finish_step(self, pending: PendingStep, got: dict[str, Any]) -> dict[str, Any]:
+        """Apply the update of a step begun by :meth:`begin_step` (its values read back in ``got``)."""
+        new_since, rows, lr, coef = pending.state
         self.optimizer.step()
         if self._unit:
-            coder.normalize_decoder_()
+            self.coder.normalize_decoder_()
         self.tracker.tokens_since_fired = new_since
+        got = dict(got)
         self._n_dead = int(got.pop("n_dead"))
         if self.sync is not None:
-            self.sync.after_step(coder)
+            self.sync.after_step(self.coder)
         self.step_count += 1
         self.tokens_seen += rows
         record: dict[str, Any] = {"step": self.step_count, "tokens": self.tokens_seen, "lr": lr,
@@ -347,15 +336,9 @@ class Trainer:
         record.update(got)
         return record
 
-    def _raise_nonfinite(self, index: int, x: Tensor, y_given: Tensor | None, loss: float,
-                         grad_norm: float) -> None:
-        where = f"batch of step {index + 1}"
-        if not bool(torch.isfinite(x).all()):
-            raise InputError(f"the {where} holds NaN or inf in x")
-        if y_given is not None and not bool(torch.isfinite(y_given).all()):
-            raise InputError(f"the {where} holds NaN or inf in y")
-        raise TrainingDiverged(f"training diverged at step {index + 1}: loss {loss}, gradient norm "
-                               f"{grad_norm}; no update was made")
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4g}", "fve": f"{record['fve']:.3f}",
+                "l0": f"{record['l0']:.1f}", "dead": f"{record['dead_frac']:.2f}"}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def params_finite(self) -> bool:
@@ -433,29 +416,6 @@ class Trainer:
         return c
 
     # ------------------------------------------------------------------------------------ the loop
-    def _open_log(self, resumed: bool):
-        if self.log_path is None:
-            return None
-        kept: list[str] = []
-        if resumed and self.log_path.is_file():
-            for line in self.log_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn line (cannot happen with whole-line writes, but be safe)
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step_count:
-                    kept.append(line)
-        # keep only what the checkpoint has seen, so a resumed run's log has each step once
-        write_text_atomic(self.log_path, "".join(line + "\n" for line in kept))
-        return open(self.log_path, "a", encoding="utf-8")
-
-    @staticmethod
-    def _write_line(fh, record: dict[str, Any]) -> None:
-        if fh is None:
-            return
-        fh.write(json.dumps(ckpt.jsonable(record), allow_nan=False) + "\n")  # one whole line
-        fh.flush()
-
     def fit(self, stream: Any, *, resume: bool | str = False,
             on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
         """Train until ``n_steps`` steps are done, the stream ends, or the loss diverges.
@@ -466,81 +426,9 @@ class Trainer:
         ``checkpoint_dir`` holds a checkpoint, else start afresh. An interrupted run
         (exception, Ctrl-C) writes no checkpoint beyond its last periodic one.
         ``on_log``: called with each log record (after it is written), e.g. for a held-out
-        evaluation; it must not change the coder.
+        evaluation; it must not change the coder. The loop is the engine's (:class:`Engine`).
         """
-        cfg = self.cfg
-        stream = as_stream(stream)
-        if resume == "auto":
-            resume = self.checkpoint_dir is not None and ckpt.is_checkpoint(self.checkpoint_dir)
-        elif not isinstance(resume, bool):
-            raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
-        if resume:
-            if self.checkpoint_dir is None:
-                raise ConfigError("resume needs a checkpoint folder")
-            self.load_checkpoint(self.checkpoint_dir, stream)
-        elif self.pending_stream_state is not None:
-            stream.load_state_dict(self.pending_stream_state)
-            self.pending_stream_state = None
-        status, message, exhausted = "completed", "", False
-        fh = self._open_log(resumed=resume or self.step_count > 0)
-        start_step = self.step_count
-        t0 = time.perf_counter()
-        base_elapsed = self.elapsed_s
-        bar = tqdm(total=cfg.n_steps, initial=self.step_count, disable=not self.progress,
-                   desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True)
-        try:
-            while self.step_count < cfg.n_steps:
-                try:
-                    x, y = stream.next_batch()
-                except StopIteration:
-                    exhausted = True
-                    message = f"the stream ended after {self.step_count} of {cfg.n_steps} steps"
-                    log.warning(message)
-                    break
-                try:
-                    record = self.step(x, y)
-                except TrainingDiverged as exc:
-                    status, message = "diverged", str(exc)
-                    break
-                bar.update(1)
-                self.elapsed_s = base_elapsed + time.perf_counter() - t0
-                if "mse" in record:
-                    record["elapsed"] = round(self.elapsed_s, 3)
-                    record["event"] = "train"
-                    self.metrics_history.append(record)
-                    self._write_line(fh, record)
-                    if on_log is not None:
-                        on_log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", fve=f"{record['fve']:.3f}",
-                                    l0=f"{record['l0']:.1f}", dead=f"{record['dead_frac']:.2f}",
-                                    refresh=False)
-                if (self.checkpoint_dir is not None and cfg.checkpoint_every
-                        and self.step_count % cfg.checkpoint_every == 0 and self.step_count < cfg.n_steps):
-                    try:
-                        self.save_checkpoint(stream)
-                    except TrainingDiverged as exc:
-                        status, message = "diverged", str(exc)
-                        break
-            if (status == "completed" and self.checkpoint_dir is not None
-                    and (self.step_count > start_step or not ckpt.is_checkpoint(self.checkpoint_dir))):
-                try:
-                    self.save_checkpoint(stream)
-                except TrainingDiverged as exc:
-                    status, message = "diverged", str(exc)
-            if status == "diverged":
-                log.error("%s; kept the last good checkpoint%s", message,
-                          f" in {self.checkpoint_dir}" if self.checkpoint_dir else "")
-                self._write_line(fh, {"event": "diverged", "step": self.step_count + 1,
-                                      "message": message, "elapsed": round(self.elapsed_s, 3)})
-        finally:
-            bar.close()
-            if fh is not None:
-                fh.close()
-        final = next((r for r in reversed(self.metrics_history) if r.get("event", "train") == "train"), {})
-        return TrainResult(status=status, steps_done=self.step_count, tokens_seen=self.tokens_seen,
-                           final_metrics=dict(final), message=message, elapsed_s=self.elapsed_s,
-                           stream_exhausted=exhausted, checkpoint_dir=self.checkpoint_dir,
-                           log_path=self.log_path)
+        return Engine([self]).fit(stream, resume=resume, on_log=on_log)[0]
 
 
 def _total_var(y: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
-"""The batched toy trainer: each member's loss and gradients equal the single-coder computation
-(core penalties + core Jacobian matching), the Jacobian term's gradient reaches the coder, export."""
+"""Stacked coders (training.stack, stack_losses, stack_trainer) on the toy's grid: each member's loss
+and gradients equal the single-coder computation (core penalties + core Jacobian matching), the
+Jacobian term's gradient reaches the coder, export, resampling, and the toy's grid trains."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import torch
 
 from mechfaith.coders import CoderConfig, SparseCoder, jacobian_contribution_penalty, sparsity_penalty
 from mechfaith.errors import ConfigError
-from mechfaith.toy.batched import BatchedCoder, MemberSpec, grid_hyper, lr_at, member_losses
+from mechfaith.toy.batched import MemberSpec, member_settings
 from mechfaith.toy.data import datapoint, sample_with_repeats
 from mechfaith.toy.model import AbsMLP
-from mechfaith.toy.train import resample_dead_, train_grid
+from mechfaith.toy.train import train_grid
+from mechfaith.training.config import TrainConfig
 from mechfaith.training.jacobian_matching import jacobian_matching
+from mechfaith.training.schedules import lr_at
+from mechfaith.training.stack import CoderStack
+from mechfaith.training.stack_losses import stack_losses
+from mechfaith.training.stack_trainer import resample_dead_
 
 D, N, B = 6, 14, 64
 SPECS = [
@@ -23,9 +29,12 @@ SPECS = [
 ]
 
 
+REPEAT = torch.tensor([s.repeat_frac for s in SPECS], dtype=torch.float64)
+
+
 def _grid(dtype=torch.float64):
     cfg = CoderConfig(d_in=D, n_latents=N)
-    coder = BatchedCoder.initialised(cfg, [s.seed for s in SPECS])
+    coder = CoderStack.initialised([cfg] * len(SPECS), [s.seed for s in SPECS])
     with torch.no_grad():  # move away from the tied init so every term is generic
         gen = torch.Generator().manual_seed(9)
         for prm in coder.parameters():
@@ -50,17 +59,18 @@ def _reference_loss(coder: SparseCoder, mlp, x, v, spec: MemberSpec, c: float) -
 def test_member_loss_and_gradients_match_single_coder_reference():
     mlp = AbsMLP(D).double()
     coder = _grid()
-    hyper = grid_hyper(SPECS, tanh_c=3.0)
+    hyper = member_settings(SPECS, tanh_c=3.0)
+    assert coder.W_enc.dtype == torch.float64
     gen = torch.Generator().manual_seed(0)
-    x = sample_with_repeats(len(SPECS), B, D, 0.5, hyper.repeat_frac.double(), datapoint(D).double(), gen)
+    x = sample_with_repeats(len(SPECS), B, D, 0.5, REPEAT, datapoint(D).double(), gen)
     v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-    terms = member_losses(coder, mlp, x, hyper, v)
-    terms["total"].sum().backward()
+    terms = stack_losses(coder, x, hyper, mlp, v)
+    terms.total.sum().backward()
     for g, spec in enumerate(SPECS):
-        single = coder.member(g).double()
+        single = coder.member_coder(g).double()
         ref = _reference_loss(single, mlp, x[g], v[g], spec, 3.0)
         ref.backward()
-        assert float(terms["total"][g]) == pytest.approx(float(ref), rel=1e-10, abs=1e-12)
+        assert float(terms.total[g]) == pytest.approx(float(ref), rel=1e-10, abs=1e-12)
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             torch.testing.assert_close(getattr(coder, name).grad[g], getattr(single, name).grad,
                                        rtol=1e-9, atol=1e-12)
@@ -69,28 +79,28 @@ def test_member_loss_and_gradients_match_single_coder_reference():
 def test_several_probes_average_like_the_core_estimator():
     mlp = AbsMLP(D).double()
     coder = _grid()
-    hyper = grid_hyper(SPECS)
+    hyper = member_settings(SPECS)
     gen = torch.Generator().manual_seed(1)
-    x = sample_with_repeats(len(SPECS), B, D, 0.5, hyper.repeat_frac.double(), datapoint(D).double(), gen)
+    x = sample_with_repeats(len(SPECS), B, D, 0.5, REPEAT, datapoint(D).double(), gen)
     v = torch.randn((3, *x.shape), generator=gen, dtype=x.dtype)
-    terms = member_losses(coder, mlp, x, hyper, v)
+    terms = stack_losses(coder, x, hyper, mlp, v)
     for g in (1, 2):
-        jm = jacobian_matching(coder.member(g).double(), mlp, x[g], v=v[:, g])
-        assert float(terms["jacobian"][g]) == pytest.approx(float(jm.loss), rel=1e-10)
-    assert float(terms["jacobian"][0]) == 0.0  # members without the term do not compute it
+        jm = jacobian_matching(coder.member_coder(g).double(), mlp, x[g], v=v[:, g])
+        assert float(terms.jacobian[g]) == pytest.approx(float(jm.loss), rel=1e-10)
+    assert float(terms.jacobian[0]) == 0.0  # members without the term do not compute it
 
 
 def test_jacobian_term_gradient_reaches_coder_parameters():
     mlp = AbsMLP(D)
     coder = _grid(torch.float32)
     specs = [MemberSpec("j", 0, 0.1, "tanh_l1", 0.0, jacobian_coef=1.0)] * 4
-    hyper = grid_hyper(specs)
+    hyper = member_settings(specs)
     gen = torch.Generator().manual_seed(2)
-    x = sample_with_repeats(4, B, D, 0.5, hyper.repeat_frac, datapoint(D), gen)
+    x = sample_with_repeats(4, B, D, 0.5, torch.tensor([s.repeat_frac for s in specs]), datapoint(D), gen)
     v = torch.randn(x.shape, generator=gen)
-    terms = member_losses(coder, mlp, x, hyper, v)
-    assert float(terms["jacobian"].min()) > 0
-    grads = torch.autograd.grad(terms["jacobian"].sum(), [coder.W_enc, coder.W_dec])
+    terms = stack_losses(coder, x, hyper, mlp, v)
+    assert float(terms.jacobian.min()) > 0
+    grads = torch.autograd.grad(terms.jacobian.sum(), [coder.W_enc, coder.W_dec])
     for g in grads:
         assert float(g.abs().sum()) > 0
     # and the reference MLP gets none
@@ -99,35 +109,37 @@ def test_jacobian_term_gradient_reaches_coder_parameters():
     with torch.no_grad():
         coder.W_enc -= 0.05 * grads[0]
         coder.W_dec -= 0.05 * grads[1]
-    after = member_losses(coder, mlp, x, hyper, v)["jacobian"].sum()
-    assert float(after) < float(terms["jacobian"].sum())
+    after = stack_losses(coder, x, hyper, mlp, v).jacobian.sum()
+    assert float(after) < float(terms.jacobian.sum())
 
 
 def test_jacobian_term_needs_probes():
     coder = _grid(torch.float32)
-    hyper = grid_hyper(SPECS)
+    hyper = member_settings(SPECS)
     x = torch.zeros(len(SPECS), 4, D)
     with pytest.raises(ConfigError):
-        member_losses(coder, AbsMLP(D), x, hyper, None)
+        stack_losses(coder, x, hyper, AbsMLP(D), None)
 
 
 def test_initialisation_and_export_round_trip():
     cfg = CoderConfig(d_in=D, n_latents=N)
-    coder = BatchedCoder.initialised(cfg, [5, 7])
+    coder = CoderStack.initialised([cfg, cfg], [5, 7])
     single = SparseCoder(cfg, generator=torch.Generator().manual_seed(7))
-    exported = coder.member(1)
+    exported = coder.member_coder(1)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(exported, name), getattr(single, name))
     x = torch.randn(2, 9, D)
-    y_hat, f, _ = coder.forward_full(x)
+    y_hat, f, _ = coder.forward_dense(x)
     torch.testing.assert_close(y_hat[1], exported(x[1]))
     torch.testing.assert_close(f[1], exported.encode(x[1]))
-    again = BatchedCoder.from_coders([coder.member(0), exported])
+    again = CoderStack.from_coders([coder.member_coder(0), exported])
     torch.testing.assert_close(again.W_dec, coder.W_dec)
     with pytest.raises(ConfigError):
-        BatchedCoder.from_coders([SparseCoder(CoderConfig(d_in=D, n_latents=N, activation="topk", k=2))])
+        CoderStack.from_coders([SparseCoder(CoderConfig(d_in=D, n_latents=N, activation="jumprelu"))])
+    with pytest.raises(ConfigError, match="share"):
+        CoderStack.from_coders([exported, SparseCoder(CoderConfig(d_in=D, n_latents=N, activation="topk", k=2))])
     with pytest.raises(IndexError):
-        coder.member(2)
+        coder.member_coder(2)
 
 
 def test_member_spec_validation():
@@ -139,10 +151,23 @@ def test_member_spec_validation():
         MemberSpec("x", 0, jacobian_coef=-1)
 
 
-def test_lr_schedule():
-    assert lr_at(0, 100, 1.0, 10, 0.2) == pytest.approx(0.1)
-    assert lr_at(50, 100, 1.0, 10, 0.2) == 1.0
-    assert lr_at(99, 100, 1.0, 10, 0.2) < 0.01
+def test_lr_schedule_is_the_toy_regime_bit_for_bit():
+    """The toy's own schedule before the engine (warm-up, then cosine to 0 over the last 20%),
+    written out: the TrainConfig schedule must give the same floats, so the toy's numbers stay."""
+    import math
+
+    def toy_lr(step: int, steps: int, lr: float, warmup: int, decay_frac: float) -> float:
+        if warmup and step < warmup:
+            return lr * (step + 1) / warmup
+        start = int(steps * (1 - decay_frac))
+        if step < start:
+            return lr
+        u = (step - start) / max(1, steps - start)
+        return lr * 0.5 * (1 + math.cos(math.pi * u))
+
+    for steps in (1200, 3000):
+        cfg = TrainConfig(n_steps=steps, lr=3e-3, lr_warmup_steps=100, lr_decay="cosine", lr_decay_frac=0.2)
+        assert [lr_at(s, cfg) for s in range(steps)] == [toy_lr(s, steps, 3e-3, 100, 0.2) for s in range(steps)]
 
 
 def test_resample_dead_reinitialises_only_dead_latents():
