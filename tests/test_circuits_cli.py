@@ -76,5 +76,3 @@ def test_dashboard_cli(coders, tmp_path):
     assert args.func(args) == 0
     pages = sorted(p.name for p in out.glob("*.html"))
     assert "index.html" in pages and len(pages) == 4
-    with pytest.raises(ConfigError):
-        dashboard_cli.parse_features("1-3")

@@ -14,12 +14,9 @@ The root is ``--feature`` (``mlp8tc[355]@37``, or ``8:355`` with ``--position``)
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
-
-from mechfaith.errors import ConfigError
 
 
 def add_parser(subparsers) -> None:
@@ -49,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from mechfaith.atomic import write_text_atomic
     from mechfaith.circuits.attribution import Attributor
     from mechfaith.circuits.graph import build_graph, write_graph
-    from mechfaith.circuits.nodes import Node, parse_node
     from mechfaith.circuits.replacement import record_run
+    from mechfaith.circuits.roots import feature_root, logit_root
     from mechfaith.circuits.search import SearchConfig, search_paths
-    from mechfaith.circuits.session import meta_of, open_session, resolve_pos
+    from mechfaith.circuits.session import meta_of, open_session
     from mechfaith.coders.files import write_json
     from mechfaith.reports.graph_viewer import write_graph_html
 
@@ -66,19 +63,9 @@ def run(args: argparse.Namespace) -> int:
     run_ = record_run(session.lm.model, ids, session.transcoders, token_strings=strings)
     at = Attributor(run_)
     if args.feature:
-        m = re.match(r"^\s*(\d+)\s*:\s*(\d+)\s*$", args.feature)
-        if m:
-            root = Node("feature", resolve_pos(args.position, seq), int(m[1]), int(m[2]))
-        else:
-            node = parse_node(args.feature)
-            if node.kind != "feature":
-                raise ConfigError(f"--feature takes a feature (mlp8tc[355]@37), not {args.feature!r}")
-            root = Node("feature", resolve_pos(node.pos, seq), node.layer, node.index)
+        root = feature_root(args.feature, args.position, seq)
     else:
-        pos = resolve_pos(args.position, seq)
-        tok = int(run_.logits[pos].argmax()) if args.logit == "top" else session.token_id(args.logit)
-        minus = session.token_id(args.minus) if args.minus is not None else -1
-        root = Node("logit", pos, -1, tok, minus)
+        root = logit_root(args.logit, args.position, run_.logits, session.token_id, args.minus)
     result = search_paths(at, root, cfg)
     t2 = time.perf_counter()
     graph = build_graph(result, n_layers=run_.n_layers, tokens=ids.tolist(), token_strings=strings,

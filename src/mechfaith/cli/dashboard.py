@@ -10,10 +10,7 @@ held-out (validation) contexts of the corpus.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
-
-from mechfaith.errors import ConfigError
 
 
 def add_parser(subparsers) -> None:
@@ -32,18 +29,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def parse_features(text: str) -> list[tuple[int, str]]:
-    items = []
-    for part in text.split(","):
-        m = re.match(r"^\s*(\d+)\s*:\s*(\d+|top\d+)\s*$", part)
-        if not m:
-            raise ConfigError(f"cannot read feature {part!r}; expected LAYER:INDEX or LAYER:topN")
-        items.append((int(m[1]), m[2]))
-    return items
-
-
 def run(args: argparse.Namespace) -> int:
-    from mechfaith.circuits.dashboard_data import collect_activations, feature_dashboards
+    from mechfaith.circuits.dashboard_data import feature_dashboards
+    from mechfaith.circuits.roots import select_features
     from mechfaith.circuits.session import open_session
     from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.lm.pipeline import eval_contexts
@@ -52,19 +40,7 @@ def run(args: argparse.Namespace) -> int:
     session = open_session(args.model, args.coders, args.device)
     contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source,
                                                              context_length=args.context_length), args.contexts)
-    features: list[tuple[int, int]] = []
-    for layer, what in parse_features(args.features):
-        if layer not in session.transcoders:
-            raise ConfigError(f"no transcoder for layer {layer} (have {sorted(session.transcoders)})")
-        if what.startswith("top"):
-            tc = session.transcoders[layer]
-            n = int(what[3:])
-            a = collect_activations(session.lm.model, tc, contexts, range(tc.coder.n_latents))
-            dens = (a[:, 1:] > 0).float().mean((0, 1))
-            del a
-            features += [(layer, int(i)) for i in dens.topk(min(n, len(dens))).indices]
-        else:
-            features.append((layer, int(what)))
+    features = select_features(args.features, session.lm.model, session.transcoders, contexts)
     ds = feature_dashboards(session.lm.model, session.transcoders, contexts, features, session.token_str,
                             k=args.k, per_band=args.per_band)
     paths = write_dashboards(ds, Path(args.out), title=f"Features of {session.lm.name} ({where})")

@@ -26,6 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mechfaith.reports.values import fmt_value
+
 log = logging.getLogger(__name__)
 
 SECTIONS = ("faithfulness", "datapoints", "masking", "lm_faithfulness")
@@ -129,10 +131,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
     print(" | ".join(head))
     for r in rep["table"]:
         print(" | ".join([f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", str(r["k"]),
-                          _fmt(r["memorization"], r["memorization_sd"]), _fmt(r["n_passage_features"]),
-                          _fmt(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]), _fmt(r["passage_jacobian_rel"]),
-                          _fmt(r["jacobian_rel"], r["jacobian_rel_sd"]),
-                          _fmt(r["fve"], r["fve_sd"]), _fmt(r["l0"]), _fmt(r["ce_increase"], r["ce_increase_sd"])]))
+                          fmt_value(r["memorization"], r["memorization_sd"]), fmt_value(r["n_passage_features"]),
+                          fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]), fmt_value(r["passage_jacobian_rel"]),
+                          fmt_value(r["jacobian_rel"], r["jacobian_rel_sd"]),
+                          fmt_value(r["fve"], r["fve_sd"]), fmt_value(r["l0"]),
+                          fmt_value(r["ce_increase"], r["ce_increase_sd"])]))
     for line in rep["findings"]:
         print("- " + line)
     print(f"wrote {out / 'experiment.json'} and {out / 'report.html'} ({rep['seconds']:.0f} s)")
@@ -141,13 +144,6 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return int(args.faithfulness_func(args) or 0)
-
-
-def _fmt(v: Any, se: Any = None) -> str:
-    if v is None:
-        return "n/a"
-    s = f"{v:.4g}"
-    return s + (f" ± {se:.2g}" if se is not None else "")
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -169,13 +165,13 @@ def _run_report(args: argparse.Namespace) -> int:
     write_faithfulness_html(rep, folder / "report.html",
                             f"Faithfulness of a transcoder of {lm['model']} layer {lm['layer']}")
     jac = rep["jacobian"]
-    print(f"Jacobian relative error: all {_fmt(jac['all']['rel_error'], jac['all']['rel_error_se'])}, "
-          f"BOS {_fmt(jac['bos']['rel_error'], jac['bos']['rel_error_se'])}, "
-          f"other {_fmt(jac['other']['rel_error'], jac['other']['rel_error_se'])}")
-    print(f"FVE {_fmt(rep['fidelity']['other']['fve'])}, L0 {_fmt(rep['fidelity']['other']['l0'])} (non-BOS); "
+    print(f"Jacobian relative error: all {fmt_value(jac['all']['rel_error'], jac['all']['rel_error_se'])}, "
+          f"BOS {fmt_value(jac['bos']['rel_error'], jac['bos']['rel_error_se'])}, "
+          f"other {fmt_value(jac['other']['rel_error'], jac['other']['rel_error_se'])}")
+    print(f"FVE {fmt_value(rep['fidelity']['other']['fve'])}, L0 {fmt_value(rep['fidelity']['other']['l0'])} (non-BOS); "
           f"datapoint features flagged: {rep['datapoints']['n_flagged']}; "
           f"masking features flagged: {rep['masking']['n_flagged']}")
-    ratios = ", ".join(f"{n} {_fmt(s['rel_error_ratio'])}" for n, s in rep["offdist"]["sets"].items()
+    ratios = ", ".join(f"{n} {fmt_value(s['rel_error_ratio'])}" for n, s in rep["offdist"]["sets"].items()
                        if n != "on_distribution")
     print(f"off-distribution error ratios: {ratios}")
     print(f"wrote {folder / 'faithfulness.json'} and {folder / 'report.html'} ({rep['seconds']:.0f} s)")

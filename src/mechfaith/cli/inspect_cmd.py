@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, load_coder, read_coder_meta, resolve_coder_folder
+from mechfaith.reports.values import fmt_value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,14 +31,6 @@ def describe(path: str) -> dict[str, Any]:
             "training": meta.get("training", {})}
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
 def run(args: argparse.Namespace) -> int:
     info = describe(args.path)
     if args.json:
@@ -50,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
           + (", skip" if cfg.get("skip") else "") + f", decoder norm {cfg['decoder_norm']}")
     print("config:")
     for k, v in cfg.items():
-        print(f"  {k:28s} {_fmt(v)}")
+        print(f"  {k:28s} {fmt_value(v, spec='.6g', missing='None')}")
     print(f"tensors ({info['n_parameters']:,} parameters):")
     for k, v in info["tensors"].items():
         print(f"  {k:28s} {v['dtype']:8s} {'x'.join(map(str, v['shape'])) or 'scalar'}")
@@ -60,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(v, dict):
             print(f"  {k}:")
             for k2, v2 in v.items():
-                print(f"    {k2:26s} {_fmt(v2)}")
+                print(f"    {k2:26s} {fmt_value(v2, spec='.6g', missing='None')}")
         else:
-            print(f"  {k:28s} {_fmt(v)}")
+            print(f"  {k:28s} {fmt_value(v, spec='.6g', missing='None')}")
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 
 from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
 from mechfaith.errors import ConfigError
+from mechfaith.reports.values import fmt_value
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +181,6 @@ def _progress(args: argparse.Namespace) -> bool:
     return not bool(getattr(args, "quiet", False))
 
 
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 # ---------------------------------------------------------------------- commands
 def run(args: argparse.Namespace) -> int:
     return int(args.lm_func(args) or 0)
@@ -209,8 +206,9 @@ def _run_collect(args: argparse.Namespace) -> int:
 def _print_eval(e: dict[str, Any]) -> None:
     print(f"eval {e['model']} layer {e['layer']} on {e['eval_tokens']} held-out tokens "
           f"({e['eval_source']}):")
-    print(f"  FVE {_fmt(e['fve'])}  L0 {_fmt(e['l0'], '.1f')} (BOS {_fmt(e['l0_bos'], '.1f')})  "
-          f"dead {_fmt(e['dead_fraction'], '.3f')}  dense {_fmt(e['dense_fraction'], '.3f')}")
+    print(f"  FVE {fmt_value(e['fve'], spec='.4f')}  L0 {fmt_value(e['l0'], spec='.1f')} "
+          f"(BOS {fmt_value(e['l0_bos'], spec='.1f')})  "
+          f"dead {fmt_value(e['dead_fraction'], spec='.3f')}  dense {fmt_value(e['dense_fraction'], spec='.3f')}")
     if e["ce_clean"] is not None:
         print(f"  CE clean {e['ce_clean']:.4f}  spliced {e['ce_spliced']:.4f} ({e['ce_increase']:+.4f})  "
               f"zero-ablated {e['ce_zero_ablated']:.4f}  mean-ablated {e['ce_mean_ablated']:.4f}")
@@ -232,7 +230,8 @@ def _run_train(args: argparse.Namespace) -> int:
     m = s["final_train_metrics"]
     print(f"trained {s['coder_config']['kind']} of {s['model']} layer {s['layer']}: {s['steps']} steps, "
           f"{s['tokens']} tokens ({s['unique_tokens']} unique, {s['epochs']:.2f} epochs); "
-          f"train FVE {_fmt(m.get('fve'))}, L0 {_fmt(m.get('l0'), '.1f')}, dead {_fmt(m.get('dead_frac'), '.3f')}")
+          f"train FVE {fmt_value(m.get('fve'), spec='.4f')}, L0 {fmt_value(m.get('l0'), spec='.1f')}, "
+          f"dead {fmt_value(m.get('dead_frac'), spec='.3f')}")
     print(f"  collect {s['collect_seconds']:.0f} s, train {s['train_seconds']:.0f} s, "
           f"total {s['total_seconds']:.0f} s; wrote {Path(args.out) / 'train.json'}")
     if args.eval:
@@ -284,8 +283,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
               f"{base['ce_mean_ablated'][layer]:.4f}, zero-ablated {base['ce_zero_ablated'][layer]:.4f}")
     for run_ in r["runs"]:
         y = run_.get("ce_spliced", run_.get("hidden_rel_error_spliced"))
-        print(f"  {run_['name']:24s} L0 {_fmt(run_['l0'], '7.1f')}  FVE {_fmt(run_['fve'], '.3f')}  "
-              f"{'CE' if 'ce_spliced' in run_ else 'hidden err'} {_fmt(y)}")
+        print(f"  {run_['name']:24s} L0 {fmt_value(run_['l0'], spec='7.1f')}  "
+              f"FVE {fmt_value(run_['fve'], spec='.3f')}  "
+              f"{'CE' if 'ce_spliced' in run_ else 'hidden err'} {fmt_value(y, spec='.4f')}")
     print(f"wrote {Path(args.out) / 'sweep.json'} and {r['figure']} ({r['total_seconds']:.0f} s)")
     return 0
 

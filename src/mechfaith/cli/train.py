@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from mechfaith.atomic import write_text_atomic
 from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
@@ -24,7 +23,8 @@ from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.files import save_coder
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
-from mechfaith.training import FunctionStream, TrainConfig, Trainer
+from mechfaith.training import TrainConfig, Trainer
+from mechfaith.training.demo import TASK_NAME, demo_reference, demo_stream
 
 SMALL_CODER = 1 << 16  # d_in * n_latents at or below which the demo trains on one thread
 DEMO_CODER = {"d_in": 32, "n_latents": 256, "activation": "topk", "k": 8}
@@ -44,18 +44,6 @@ def add_parser(subparsers: Any) -> None:
     add_dataclass_args(p.add_argument_group("coder"), CoderConfig, defaults=DEMO_CODER)
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, defaults=DEMO_TRAIN)
     p.set_defaults(func=run)
-
-
-def demo_reference(d_in: int, d_out: int, seed: int = 1234) -> nn.Module:
-    """The fixed random GELU MLP the demo transcoder learns."""
-    gen = torch.Generator().manual_seed(seed)
-    mlp = nn.Sequential(nn.Linear(d_in, 4 * d_in), nn.GELU(), nn.Linear(4 * d_in, d_out))
-    with torch.no_grad():
-        for p in mlp.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / max(1, p.shape[-1]) ** 0.5)
-    for p in mlp.parameters():
-        p.requires_grad_(False)
-    return mlp
 
 
 class _DropDivergence(logging.Filter):
@@ -91,15 +79,8 @@ def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> in
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reference = demo_reference(ccfg.d_in, int(ccfg.d_out))  # type: ignore[arg-type]
-    density = args.density
-
-    def batch(gen: torch.Generator, n: int) -> tuple[Tensor, Tensor | None]:
-        x = torch.randn(n, ccfg.d_in, generator=gen)
-        x = x * (torch.rand(n, ccfg.d_in, generator=gen) < density)
-        return x, None  # the target comes from the reference
-
     coder = build_coder(ccfg, seed=tcfg.seed)
-    stream = FunctionStream(batch, batch_size=tcfg.batch_size, seed=tcfg.seed)
+    stream = demo_stream(ccfg.d_in, args.density, tcfg.batch_size, tcfg.seed)
     ckpt = out / "checkpoint" if tcfg.checkpoint_every > 0 else None
     trainer = Trainer(coder, tcfg, reference=reference, log_path=out / "train.jsonl",
                       checkpoint_dir=ckpt, progress=not args.quiet, desc="demo")
@@ -114,7 +95,7 @@ def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> in
     summary = {"status": result.status, "steps": result.steps_done, "tokens": result.tokens_seen,
                "elapsed_s": result.elapsed_s, "final_metrics": result.final_metrics,
                "coder_config": config_to_dict(ccfg), "train_config": config_to_dict(tcfg),
-               "task": {"name": "demo-gelu-mlp", "density": density}}
+               "task": {"name": TASK_NAME, "density": args.density}}
     write_text_atomic(out / "train.json", json.dumps(summary, indent=2, default=str) + "\n")
     if not result.ok:
         raise TrainingDiverged(result.message or "loss became NaN or infinite")

@@ -9,15 +9,14 @@ logit effects, and top pullbacks from the previous transcoder layer. Input: the 
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from mechfaith.atomic import write_text_atomic
+from mechfaith.reports.page import esc, html_page
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 16px; color: #222; max-width: 1100px; }
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 18px; }
 .stats { font-size: 14px; }
 .band { margin: 6px 0 12px 0; }
@@ -26,14 +25,12 @@ h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 18px; }
 .tok.focus { outline: 1px solid #c05621; }
 table.topk { border-collapse: collapse; font-size: 13px; display: inline-table; margin-right: 24px;
              vertical-align: top; }
-table.topk td, table.topk th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
+table.topk td, table.topk th { padding: 2px 8px; border: none; border-bottom: 1px solid #eee;
+                               background: none; }
 table.index { border-collapse: collapse; font-size: 13px; }
-table.index td, table.index th { padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: left; }
+table.index td, table.index th { padding: 3px 10px; border: none; border-bottom: 1px solid #ddd;
+                                 background: none; }
 """
-
-
-def _esc(s: Any) -> str:
-    return html.escape(str(s))
 
 
 def _tok_html(tok: str, act: float, mx: float, focus: bool) -> str:
@@ -41,7 +38,7 @@ def _tok_html(tok: str, act: float, mx: float, focus: bool) -> str:
     shown = tok.replace("\n", "\u21b5")
     cls = "tok focus" if focus else "tok"
     return (f'<span class="{cls}" style="background: rgba(221,107,32,{alpha:.3f})" '
-            f'title="{_esc(f"{act:.4g}")}">{_esc(shown)}</span>')
+            f'title="{esc(f"{act:.4g}")}">{esc(shown)}</span>')
 
 
 def histogram_svg(hist: dict[str, Any], width: int = 420, height: int = 120) -> str:
@@ -66,9 +63,9 @@ def _topk_table(title: str, table: dict[str, Any] | None) -> str:
     if not table:
         return ""
     def rows(items: list[dict[str, Any]]) -> str:
-        return "".join(f"<tr><td>{_esc(repr(r.get('label', r['index'])))}</td><td>{r['value']:.4g}</td></tr>"
+        return "".join(f"<tr><td>{esc(repr(r.get('label', r['index'])))}</td><td>{r['value']:.4g}</td></tr>"
                        for r in items)
-    return (f'<table class="topk"><tr><th colspan="2">{_esc(title)}: most positive</th></tr>{rows(table["top"])}'
+    return (f'<table class="topk"><tr><th colspan="2">{esc(title)}: most positive</th></tr>{rows(table["top"])}'
             f'<tr><th colspan="2">most negative</th></tr>{rows(table["bottom"])}</table>')
 
 
@@ -82,37 +79,31 @@ def feature_page_html(d: dict[str, Any], index_href: str | None = "index.html") 
                 _tok_html(t, a, d["max"], i == e["focus"]) for i, (t, a) in enumerate(zip(e["tokens"], e["acts"])))
             + f' <small>(ctx {e["context"]}, tok {e["pos"]}, act {e["max"]:.3g})</small></div>'
             for e in band["examples"])
-        bands.append(f'<div class="band"><h3>{_esc(band["label"])} ({band["low"]:.3g}-{band["high"]:.3g}; '
+        bands.append(f'<div class="band"><h3>{esc(band["label"])} ({band["low"]:.3g}-{band["high"]:.3g}; '
                      f'{band["n_tokens"]} tokens)</h3>{ex or "<i>none</i>"}</div>')
     pull = ""
     if d.get("pullbacks"):
         pull = _topk_table(f"pullback to layer {d['pullback_layer']}", d["pullbacks"])
-    back = f'<p><a href="{_esc(index_href)}">all features</a></p>' if index_href else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_esc(name)}</title><style>{_CSS}</style></head>
-<body>{back}
-<h1>Feature {_esc(name)}</h1>
+    back = f'<p><a href="{esc(index_href)}">all features</a></p>' if index_href else ""
+    return html_page(str(name), f"""{back}
+<h1>Feature {esc(name)}</h1>
 <p class="stats">density {d['density']:.4%} of {d['n_tokens']} tokens; max activation {d['max']:.4g}</p>
 <h2>Activations (nonzero)</h2>{histogram_svg(d['histogram'])}
 <h2>Examples by activation band</h2>{''.join(bands)}
 <h2>Input-independent</h2>
-{_topk_table('de-embedding', d.get('de_embedding'))}{_topk_table('logit effect', d.get('logit_effects'))}{pull}
-</body></html>
-"""
+{_topk_table('de-embedding', d.get('de_embedding'))}{_topk_table('logit effect', d.get('logit_effects'))}{pull}""",
+                     extra_css=_CSS)
 
 
 def index_html(dashboards: Sequence[dict[str, Any]], title: str = "Feature dashboards") -> str:
     rows = []
     for d in dashboards:
         top = ", ".join(repr(r.get("label", r["index"])) for r in (d.get("de_embedding") or {}).get("top", [])[:5])
-        rows.append(f'<tr><td><a href="{_esc(page_name(d))}">{_esc(d["name"])}</a></td>'
-                    f'<td>{d["density"]:.4%}</td><td>{d["max"]:.4g}</td><td>{_esc(top)}</td></tr>')
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{_CSS}</style></head>
-<body><h1>{_esc(title)}</h1>
+        rows.append(f'<tr><td><a href="{esc(page_name(d))}">{esc(d["name"])}</a></td>'
+                    f'<td>{d["density"]:.4%}</td><td>{d["max"]:.4g}</td><td>{esc(top)}</td></tr>')
+    return html_page(title, f"""<h1>{esc(title)}</h1>
 <table class="index"><tr><th>feature</th><th>density</th><th>max</th><th>top de-embedding tokens</th></tr>
-{''.join(rows)}</table></body></html>
-"""
+{''.join(rows)}</table>""", extra_css=_CSS)
 
 
 def page_name(d: dict[str, Any]) -> str:

@@ -4,21 +4,17 @@ each metric against the planting rate, one line per (Jacobian coefficient, k).""
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
 from typing import Any
 
-import matplotlib
+from mechfaith.atomic import write_text_atomic
+from mechfaith.reports.figures import png_bytes, pyplot
+from mechfaith.reports.page import esc, figure_html, html_page, table_html
+from mechfaith.reports.values import as_float, fmt_value
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mechfaith.atomic import write_text_atomic  # noqa: E402
-from mechfaith.reports.faithfulness_report import _figure, _fmt, _num, _png, _table  # noqa: E402
-
-E = html.escape
+EXTRA_CSS = ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{width:520px;margin:0}figcaption{font-size:12px}"
 
 # (metric, axis label, what it shows)
 FIGURES: tuple[tuple[str, str, str], ...] = (
@@ -43,8 +39,9 @@ def _label(row: dict[str, Any]) -> str:
     return f"{jm}, k={row['k']}"
 
 
-def metric_figure(rows: list[dict[str, Any]], metric: str, ylabel: str) -> str:
-    """One line per (Jacobian coefficient, k): the metric's mean ± SD over seeds against the rate."""
+def metric_figure(rows: list[dict[str, Any]], metric: str, ylabel: str) -> bytes:
+    """One line per (Jacobian coefficient, k): the metric's mean ± SD over seeds against the rate (PNG)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -52,8 +49,8 @@ def metric_figure(rows: list[dict[str, Any]], metric: str, ylabel: str) -> str:
     for i, (name, rs) in enumerate(sorted(series.items())):
         rs = sorted(rs, key=lambda r: r["rate"])
         xs = [100 * r["rate"] for r in rs]
-        ys = [_num(r.get(metric)) for r in rs]
-        es = [_num(r.get(metric + "_sd")) for r in rs]
+        ys = [as_float(r.get(metric)) for r in rs]
+        es = [as_float(r.get(metric + "_sd")) for r in rs]
         es = [0.0 if math.isnan(e) else e for e in es]
         style = "-" if name.startswith("plain") else "--"
         ax.errorbar(xs, ys, yerr=es, fmt=style + "o", capsize=3, label=name, color=f"C{i}", ms=4)
@@ -61,33 +58,26 @@ def metric_figure(rows: list[dict[str, Any]], metric: str, ylabel: str) -> str:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def experiment_html(rep: dict[str, Any], title: str = "Memorization experiment") -> str:
     """The page (module docstring)."""
     cfg = rep.get("config", {})
     data = rep.get("data", {})
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>", f"<title>{E(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #bbb;"
-             "padding:3px 6px}th{background:#eee}img{max-width:100%;border:1px solid #ddd}"
-             ".figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{width:520px;margin:0}"
-             "figcaption{font-size:12px;color:#444}pre{background:#f6f6f6;padding:.5em;font-size:11px;"
-             "overflow-x:auto;white-space:pre-wrap}li{margin:.3em 0}</style></head><body>",
-             f"<h1>{E(title)}</h1>"]
+    parts = [f"<h1>{esc(title)}</h1>"]
     parts.append(
-        f"<p>Model <b>{E(str(rep.get('model')))}</b>, layer {rep.get('layer')} "
-        f"({E(str(rep.get('input_site')))} → {E(str(rep.get('output_site')))}). "
-        f"{data.get('train_tokens')} training tokens ({E(str(data.get('train_source')))}), a passage of "
-        f"{data.get('passage_tokens')} tokens planted at rates {E(str(cfg.get('rates')))}; TopK "
-        f"transcoders with {cfg.get('n_latents')} latents, k in {E(str(cfg.get('ks')))}, "
+        f"<p>Model <b>{esc(rep.get('model'))}</b>, layer {rep.get('layer')} "
+        f"({esc(rep.get('input_site'))} → {esc(rep.get('output_site'))}). "
+        f"{data.get('train_tokens')} training tokens ({esc(data.get('train_source'))}), a passage of "
+        f"{data.get('passage_tokens')} tokens planted at rates {esc(cfg.get('rates'))}; TopK "
+        f"transcoders with {cfg.get('n_latents')} latents, k in {esc(cfg.get('ks'))}, "
         f"{cfg.get('steps')} steps of {cfg.get('batch_size')} tokens, Jacobian coefficients "
-        f"{E(str(cfg.get('jacobian_coefs')))}, seeds {E(str(cfg.get('seeds')))}. Held out: "
-        f"{data.get('eval_tokens')} tokens from {E(str(data.get('eval_source')))}. "
-        f"Total time {_fmt(rep.get('seconds'))} s.</p>")
+        f"{esc(cfg.get('jacobian_coefs'))}, seeds {esc(cfg.get('seeds'))}. Held out: "
+        f"{data.get('eval_tokens')} tokens from {esc(data.get('eval_source'))}. "
+        f"Total time {fmt_value(rep.get('seconds'))} s.</p>")
     if rep.get("findings"):
-        parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{E(f)}</li>" for f in rep["findings"]) + "</ul>")
+        parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{esc(f)}</li>" for f in rep["findings"]) + "</ul>")
         parts.append("<p>A difference is called clear when it exceeds twice the spread over seeds.</p>")
     rows = rep.get("table", [])
     if rows:
@@ -95,35 +85,34 @@ def experiment_html(rep: dict[str, Any], title: str = "Memorization experiment")
                 "passage/held-out MSE", "same, skip alone", "passage Jac. err.", "held-out Jac. err.", "FVE", "L0",
                 "CE increase", "KL", "passage CE increase"]
         body = [[f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", r["k"], r["seeds"],
-                 _fmt(r["memorization"], r["memorization_sd"]), _fmt(r["n_passage_features"]),
-                 _fmt(r["datapoint_flagged"]), _fmt(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]),
-                 _fmt(r.get("skip_passage_mse_ratio")),
-                 _fmt(r["passage_jacobian_rel"], r["passage_jacobian_rel_sd"]),
-                 _fmt(r["jacobian_rel"], r["jacobian_rel_sd"]), _fmt(r["fve"], r["fve_sd"]), _fmt(r["l0"]),
-                 _fmt(r["ce_increase"], r["ce_increase_sd"]), _fmt(r["kl"]),
-                 _fmt(r["passage_ce_increase"], r["passage_ce_increase_sd"])] for r in rows]
+                 fmt_value(r["memorization"], r["memorization_sd"]), fmt_value(r["n_passage_features"]),
+                 fmt_value(r["datapoint_flagged"]), fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]),
+                 fmt_value(r.get("skip_passage_mse_ratio")),
+                 fmt_value(r["passage_jacobian_rel"], r["passage_jacobian_rel_sd"]),
+                 fmt_value(r["jacobian_rel"], r["jacobian_rel_sd"]), fmt_value(r["fve"], r["fve_sd"]), fmt_value(r["l0"]),
+                 fmt_value(r["ce_increase"], r["ce_increase_sd"]), fmt_value(r["kl"]),
+                 fmt_value(r["passage_ce_increase"], r["passage_ce_increase_sd"])] for r in rows]
         parts.append("<h2>Results (mean ± SD over seeds)</h2>")
-        parts.append(_table(head, body))
+        parts.append(table_html(head, body))
         parts.append("<div class='figs'>")
         for metric, ylabel, caption in FIGURES:
-            parts.append(_figure(ylabel, metric_figure(rows, metric, ylabel), caption))
+            parts.append(figure_html(ylabel, metric_figure(rows, metric, ylabel), caption))
         parts.append("</div>")
     cells = rep.get("cells", [])
     if cells:
         parts.append("<h2>Every cell</h2>")
-        parts.append(_table(["cell", "planted contexts", "memorization", "passage features", "FVE",
+        parts.append(table_html(["cell", "planted contexts", "memorization", "passage features", "FVE",
                              "Jac. err.", "CE increase", "train s", "top passage features (index: output share)"],
-                            [[c["name"], c.get("planted_contexts"), _fmt(c["metrics"]["memorization"]),
-                              c["metrics"]["n_passage_features"], _fmt(c["metrics"]["fve"]),
-                              _fmt(c["metrics"]["jacobian_rel"]), _fmt(c["metrics"]["ce_increase"]),
-                              _fmt(c.get("train_seconds")),
+                            [[c["name"], c.get("planted_contexts"), fmt_value(c["metrics"]["memorization"]),
+                              c["metrics"]["n_passage_features"], fmt_value(c["metrics"]["fve"]),
+                              fmt_value(c["metrics"]["jacobian_rel"]), fmt_value(c["metrics"]["ce_increase"]),
+                              fmt_value(c.get("train_seconds")),
                               ", ".join(f"{p['index']}: {p['max_output_share']:.2f}"
                                         for p in c["metrics"]["passage_features"][:5])] for c in cells]))
-    parts.append("<h2>The passage</h2><pre>" + E(str(rep.get("passage", ""))) + "</pre>")
-    parts.append("<h2>Configuration</h2><pre>" + E(json.dumps({"config": cfg, "corpus": rep.get("corpus"),
+    parts.append("<h2>The passage</h2><pre>" + esc(rep.get("passage", "")) + "</pre>")
+    parts.append("<h2>Configuration</h2><pre>" + esc(json.dumps({"config": cfg, "corpus": rep.get("corpus"),
                                                                 "data": data}, indent=1, sort_keys=True)) + "</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return html_page(title, "\n".join(parts), extra_css=EXTRA_CSS)
 
 
 def write_experiment_html(rep: dict[str, Any], path: str | os.PathLike[str],

@@ -9,15 +9,15 @@ JSON is embedded in the page, so the file opens anywhere, offline.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from typing import Any
 
 from mechfaith.atomic import write_text_atomic
+from mechfaith.reports.page import esc, html_page
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 16px; color: #222; }
+body { margin: 16px; max-width: none; }
 h1 { font-size: 20px; margin: 0 0 6px 0; }
 #summary { font-size: 13px; color: #444; margin-bottom: 8px; }
 #wrap { display: flex; gap: 16px; align-items: flex-start; }
@@ -29,7 +29,7 @@ svg text { font-size: 10px; fill: #333; }
 .edge { fill: none; }
 .edge:hover, .node:hover { opacity: 0.6; }
 table.paths { font-size: 12px; border-collapse: collapse; margin-top: 12px; }
-table.paths td { padding: 2px 8px; border-bottom: 1px solid #eee; font-family: monospace; }
+table.paths td { padding: 2px 8px; border: none; border-bottom: 1px solid #eee; font-family: monospace; }
 """
 
 _JS = r"""
@@ -147,22 +147,16 @@ def graph_html(graph: dict[str, Any], title: str | None = None) -> str:
                f"{int(stats.get('n_paths', 0))} paths; error share {stats.get('graph_error_share', float('nan')):.3f} "
                f"(root {stats.get('root_error_share', float('nan')):.3f}), bias {stats.get('bias_share', float('nan')):.3f}, "
                f"pruned {stats.get('pruned_share', float('nan')):.3f}")
-    rows = "".join(f"<tr><td>{p['attribution']:.4g}</td><td>{html.escape(' <- '.join(p['nodes']))}</td></tr>"
+    rows = "".join(f"<tr><td>{p['attribution']:.4g}</td><td>{esc(' <- '.join(p['nodes']))}</td></tr>"
                    for p in graph.get("paths", [])[:50])
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_CSS}</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<div id="summary">{html.escape(summary)}</div>
+    return html_page(title, f"""<h1>{esc(title)}</h1>
+<div id="summary">{esc(summary)}</div>
 <label><input type="checkbox" id="show-errors" checked> show error nodes</label>
 <div id="wrap"><svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg>
 <div id="details">Hover a node or an edge for details.</div></div>
 <table class="paths"><tr><td>attribution</td><td>path</td></tr>{rows}</table>
 <script type="application/json" id="graph-data">{_script_json(graph)}</script>
-<script>{_JS}</script>
-</body></html>
-"""
+<script>{_JS}</script>""", extra_css=_CSS)
 
 
 def write_graph_html(graph: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> None:

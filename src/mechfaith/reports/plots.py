@@ -1,33 +1,21 @@
-"""Figures of the toy report (matplotlib, Agg backend), each written atomically as a PNG."""
+"""Figures of the toy report, each written atomically as a PNG (matplotlib is imported when one is drawn)."""
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mechfaith.atomic import write_bytes_atomic  # noqa: E402
-from mechfaith.coders import SparseCoder  # noqa: E402
-from mechfaith.faithfulness.circuit_library import Decomposition  # noqa: E402
-
-
-def save_figure(fig: "plt.Figure", path: str | os.PathLike[str], dpi: int = 110) -> None:
-    """Render ``fig`` to PNG bytes and write them atomically; closes the figure."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+from mechfaith.coders import SparseCoder
+from mechfaith.faithfulness.circuit_library import Decomposition
+from mechfaith.reports.figures import pyplot, save_figure
 
 
 def circuit_map_figure(dec: Decomposition, title: str, path: str | os.PathLike[str]) -> None:
     """Heatmap: x = live learned features (ordered so the diagonal shows), y = library + residual."""
+    plt = pyplot()
     order = [i for i in dec.order() if bool(dec.alive[i])]
     share = dec.share[:, order].numpy() if order else np.zeros((len(dec.names), 1))
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(order) + 2.5), 0.28 * len(dec.names) + 1.8))
@@ -44,6 +32,7 @@ def circuit_map_figure(dec: Decomposition, title: str, path: str | os.PathLike[s
 
 def jacobian_figure(jacobians: dict[str, torch.Tensor], n_show: int, path: str | os.PathLike[str]) -> None:
     """One panel per setting: the coder's Jacobian at p (first ``n_show`` dims)."""
+    plt = pyplot()
     names = list(jacobians)
     fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
     vmax = max(1.0, max(float(j[:n_show, :n_show].abs().max()) for j in jacobians.values()))
@@ -64,6 +53,7 @@ def jacobian_figure(jacobians: dict[str, torch.Tensor], n_show: int, path: str |
 def feature_weights_figure(coder: SparseCoder, features: Sequence[int], title: str,
                            path: str | os.PathLike[str]) -> None:
     """Encoder column, bias and decoder row of the selected features (one row of panels each)."""
+    plt = pyplot()
     features = list(features)[:8] or [0]
     d_in, d_out = coder.d_in, coder.d_out
     fig, axes = plt.subplots(len(features), 2, figsize=(7, 1.1 * len(features) + 0.8), squeeze=False)
@@ -85,6 +75,7 @@ def feature_weights_figure(coder: SparseCoder, features: Sequence[int], title: s
 def scan_figure(repeat_fracs: Sequence[float], coefs: Sequence[float], memorization: np.ndarray,
                 path: str | os.PathLike[str]) -> None:
     """Memorization over repeat_frac x lambda (log axes) with repeat_frac * lambda = const lines."""
+    plt = pyplot()
     rf, lam = np.asarray(repeat_frac := list(repeat_fracs), float), np.asarray(list(coefs), float)
     mem = np.asarray(memorization, float)
     lx, ly = np.log10(lam), np.log10(rf)
@@ -119,6 +110,7 @@ def scan_figure(repeat_fracs: Sequence[float], coefs: Sequence[float], memorizat
 
 def masking_figure(coders: dict[str, SparseCoder], x: torch.Tensor, path: str | os.PathLike[str]) -> None:
     """Gradient-masking check: per live latent, weight product ||W_enc,i|| ||W_dec,i|| vs bias."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (name, coder) in enumerate(coders.items()):
         with torch.no_grad():

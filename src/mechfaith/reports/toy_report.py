@@ -6,10 +6,7 @@ markdown carries the same numbers and links the PNGs next to it. Every file is w
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,8 @@ import torch
 from mechfaith.atomic import write_text_atomic
 from mechfaith.faithfulness.report import json_safe
 from mechfaith.reports import plots
+from mechfaith.reports.page import esc, figure_html, html_page, table_html
+from mechfaith.reports.values import fmt_value
 from mechfaith.toy.experiments import EXTRA_SETTINGS, MAIN_SETTINGS, ToyRun
 from mechfaith.toy.library import library_sample
 
@@ -28,15 +27,6 @@ COLUMNS = [("memorization", "memorization"), ("n_datapoint_features", "datapoint
            ("val_mse", "val MSE"), ("val_fvu", "val FVU"), ("l0", "L0"),
            ("p_feature_residual", "residual of +x1..3 features"),
            ("max_weight_product", "max ‖W_enc‖‖W_dec‖"), ("n_large_weight_features", "masking features")]
-
-
-def _fmt(v: Any, std: Any = None) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    s = f"{v:.3g}" if isinstance(v, float) else str(v)
-    if std is not None and isinstance(std, float) and math.isfinite(std):
-        s += f" ± {std:.2g}"
-    return s
 
 
 def _selected_features(run: ToyRun, name: str) -> list[int]:
@@ -94,9 +84,9 @@ def figures(run: ToyRun, out: Path) -> dict[str, dict[str, str]]:
     figs["scan.png"] = {
         "title": "Scan: repeat_frac × sparsity coefficient",
         "caption": "Memorization of each cell (mean over seeds). Dashed lines: repeat_frac·λ = const. "
-                   f"Spearman rank correlation of memorization with repeat_frac·λ: {_fmt(sp['product'])}; "
-                   f"with repeat_frac alone: {_fmt(sp['repeat_frac'])}; with λ alone: "
-                   f"{_fmt(sp['sparsity_coef'])}."}
+                   f"Spearman rank correlation of memorization with repeat_frac·λ: {fmt_value(sp['product'], spec='.3g')}; "
+                   f"with repeat_frac alone: {fmt_value(sp['repeat_frac'], spec='.3g')}; with λ alone: "
+                   f"{fmt_value(sp['sparsity_coef'], spec='.3g')}."}
     masking = {k: v for k, v in run.examples.items() if "jacobian" in k or k.endswith("l1")}
     if masking:
         x = library_sample(p, 2000, cfg.density, 0.05, seed=cfg.seed + 40_000)
@@ -121,7 +111,7 @@ def _table_rows(settings: dict[str, Any]) -> list[list[str]]:
                 + (f", jcp={sp['jac_contrib_coef']:g}" if sp["jac_contrib_coef"] else ""))
         cells = [name, desc, str(len(s["seeds"]))]
         for key, _ in COLUMNS:
-            cells.append(_fmt(s[key], s.get(f"{key}_std")))
+            cells.append(fmt_value(s[key], s.get(f"{key}_std"), spec=".3g"))
         cells.append(f"{s['seeds_with_datapoint_feature']}/{len(s['seeds'])}")
         cells.append(", ".join(f"{v:.2f}" for v in s["memorization_seeds"]))
         rows.append(cells)
@@ -163,50 +153,42 @@ def _findings(settings: dict[str, Any]) -> list[str]:
 def _claims_lines(claims: dict[str, Any]) -> list[str]:
     lines = []
     for k, v in claims.items():
-        detail = ", ".join(f"{a}={_fmt(b)}" for a, b in v.items() if a != "ok")
+        detail = ", ".join(f"{a}={fmt_value(b, spec='.3g')}" for a, b in v.items() if a != "ok")
         lines.append(f"{'PASS' if v['ok'] else 'FAIL'} {k}: {detail}")
     return lines
 
 
-def write_html(run: ToyRun, out: Path, figs: dict[str, dict[str, str]]) -> None:
+TITLE = "mechfaith: toy model of mechanistic (un)faithfulness"
+
+
+def report_html(run: ToyRun, out: Path, figs: dict[str, dict[str, str]]) -> str:
+    """The page: claims, findings, the numbers, the scan, the figures (read from ``out``), the method."""
     m = run.metrics
-    e = html.escape
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             "<title>mechfaith: toy model of mechanistic (un)faithfulness</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #bbb;padding:3px 6px}"
-             "th{background:#eee}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}"
-             "figcaption{font-size:13px;color:#444;max-width:900px}.pass{color:#070}.fail{color:#b00}"
-             "code{background:#f4f4f4}</style></head><body>",
-             "<h1>Toy model of mechanistic (un)faithfulness</h1>", f"<p>{INTRO}</p>",
-             "<h2>Claims</h2><ul>"]
+    parts = ["<h1>Toy model of mechanistic (un)faithfulness</h1>", f"<p>{INTRO}</p>", "<h2>Claims</h2><ul>"]
     for line in _claims_lines(m["claims"]):
         cls = "pass" if line.startswith("PASS") else "fail"
-        parts.append(f"<li class='{cls}'>{e(line)}</li>")
+        parts.append(f"<li class='{cls}'>{esc(line)}</li>")
     parts.append("</ul><h2>Findings</h2><ul>")
-    parts += [f"<li>{e(line)}</li>" for line in _findings(m["settings"])]
-    parts.append("</ul><h2>Numbers</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + "</tr>")
-    for row in _table_rows(m["settings"]):
-        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
-    parts.append("</table>")
+    parts += [f"<li>{esc(line)}</li>" for line in _findings(m["settings"])]
+    parts += ["</ul><h2>Numbers</h2>", table_html(HEAD, _table_rows(m["settings"]))]
     scan = m["scan"]
-    parts.append("<h3>Scan (memorization, rows: repeat_frac, columns: λ)</h3><table><tr><th>rf \\ λ</th>"
-                 + "".join(f"<th>{c:g}</th>" for c in scan["sparsity_coef"]) + "</tr>")
-    for r, row in zip(scan["repeat_frac"], scan["memorization"]):
-        parts.append(f"<tr><th>{r:g}</th>" + "".join(f"<td>{v:.2f}</td>" for v in row) + "</tr>")
-    parts.append("</table><h2>Figures</h2>")
-    for fn, info in figs.items():
-        data = base64.b64encode((out / fn).read_bytes()).decode("ascii")
-        parts.append(f"<figure><h3>{e(info['title'])}</h3><img alt='{e(info['title'])}' "
-                     f"src='data:image/png;base64,{data}'><figcaption>{e(info['caption'])}</figcaption></figure>")
+    parts += ["<h3>Scan (memorization, rows: repeat_frac, columns: λ)</h3>",
+              table_html(["rf \\ λ"] + [f"{c:g}" for c in scan["sparsity_coef"]],
+                         [[f"{r:g}"] + [f"{v:.2f}" for v in row] for r, row in zip(scan["repeat_frac"], scan["memorization"])],
+                         row_heads=True), "<h2>Figures</h2>"]
+    parts += [figure_html(info["title"], (out / fn).read_bytes(), info["caption"]) for fn, info in figs.items()]
     parts.append("<h2>Definitions and method</h2><ul>")
-    for k, v in m["definitions"].items():
-        parts.append(f"<li><b>{e(k)}</b>: {e(v)}</li>")
+    parts += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in m["definitions"].items()]
     t = m["timing"]
     parts.append(f"</ul><p>{t['n_coders']} coders trained together in {t['train_seconds']:.0f} s "
                  f"(total {t['total_seconds']:.0f} s); {t['dead_latents_resampled']} dead latents resampled.</p>")
-    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(m["config"], indent=1)) + "</pre></body></html>")
-    write_text_atomic(out / "report.html", "\n".join(parts))
+    parts.append("<h2>Configuration</h2><pre>" + esc(json.dumps(m["config"], indent=1)) + "</pre>")
+    return html_page(TITLE, "\n".join(parts), extra_css=".pass{color:#070}.fail{color:#b00}")
+
+
+def write_html(run: ToyRun, out: Path, figs: dict[str, dict[str, str]]) -> None:
+    """Write ``report.html`` into ``out`` atomically."""
+    write_text_atomic(out / "report.html", report_html(run, out, figs))
 
 
 def write_markdown(run: ToyRun, out: Path, figs: dict[str, dict[str, str]]) -> None:
@@ -224,8 +206,9 @@ def write_markdown(run: ToyRun, out: Path, figs: dict[str, dict[str, str]]) -> N
     for r, row in zip(scan["repeat_frac"], scan["memorization"]):
         lines.append(f"| {r:g} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     sp = scan["spearman"]
-    lines += ["", f"Spearman(memorization, repeat_frac·λ) = {_fmt(sp['product'])}; "
-                  f"with repeat_frac = {_fmt(sp['repeat_frac'])}; with λ = {_fmt(sp['sparsity_coef'])}.",
+    lines += ["", f"Spearman(memorization, repeat_frac·λ) = {fmt_value(sp['product'], spec='.3g')}; "
+                  f"with repeat_frac = {fmt_value(sp['repeat_frac'], spec='.3g')}; "
+                  f"with λ = {fmt_value(sp['sparsity_coef'], spec='.3g')}.",
               "", "## Figures", ""]
     for fn, info in figs.items():
         lines += [f"### {info['title']}", "", f"![{info['title']}]({fn})", "", info["caption"], ""]
