@@ -303,7 +303,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _run_import(args: argparse.Namespace) -> int:
     from mechfaith.coders.files import save_coder
-    from mechfaith.faithfulness.report import json_safe
+    from mechfaith.jsonio import json_safe
     from mechfaith.lm.pipeline import open_coder
 
     src = Path(args.source)

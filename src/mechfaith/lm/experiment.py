@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
-from mechfaith.coders.files import read_json, save_coder, write_json
+from mechfaith.coders.files import read_json, save_coder
 from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.faithfulness.datapoints import DatapointConfig
-from mechfaith.faithfulness.report import json_safe
+from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.experiment_data import ExperimentData, build_experiment_data
 from mechfaith.lm.experiment_metrics import measure_cell

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechfaith.coders.files import write_json
 from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report, json_safe
+from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report
+from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.activations import iter_model_activations
 from mechfaith.lm.adapters import ModelAdapter
 from mechfaith.lm.corpus import CorpusConfig

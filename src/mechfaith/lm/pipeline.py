@@ -35,10 +35,10 @@ from torch import Tensor
 
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import ACTIVATIONS, DECODER_NORMS, KINDS, CoderConfig
-from mechfaith.coders.files import load_coder, read_json, save_coder, write_json
+from mechfaith.coders.files import load_coder, read_json, save_coder
 from mechfaith.configs import config_from_dict, config_to_dict, doc
 from mechfaith.errors import CoderFileError, ConfigError, InputError
-from mechfaith.faithfulness.report import json_safe
+from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.activations import (
     INDEX_NAME,
     STORAGE_DTYPES,

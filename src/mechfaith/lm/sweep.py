@@ -29,9 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechfaith.atomic import write_bytes_atomic
-from mechfaith.coders.files import write_json
 from mechfaith.errors import ConfigError
-from mechfaith.faithfulness.report import json_safe
+from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.adapters import get_adapter, hooks_removed_after
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.fidelity import (

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mechfaith.atomic import write_text_atomic
-from mechfaith.faithfulness.report import json_safe
+from mechfaith.jsonio import json_safe
 from mechfaith.reports import plots
 from mechfaith.toy.experiments import EXTRA_SETTINGS, MAIN_SETTINGS, ToyRun
 from mechfaith.toy.library import library_sample

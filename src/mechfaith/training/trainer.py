@@ -44,6 +44,7 @@ from mechfaith.coders.coder import CoderOutput, SparseCoder
 from mechfaith.coders.penalties import jacobian_contribution_penalty, sparsity_penalty
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError, InputError, TrainingDiverged
+from mechfaith.jsonio import json_safe
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
@@ -453,7 +454,7 @@ class Trainer:
     def _write_line(fh, record: dict[str, Any]) -> None:
         if fh is None:
             return
-        fh.write(json.dumps(ckpt.jsonable(record), allow_nan=False) + "\n")  # one whole line
+        fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # one whole line
         fh.flush()
 
     def fit(self, stream: Any, *, resume: bool | str = False,
