@@ -198,6 +198,28 @@ def collect_inputs(adapter: ModelAdapter, contexts: Tensor, layer: int, input_si
 
 
 # ---------------------------------------------------------------------- the report
+def _offdist_sets(lm: Any, contexts: Tensor, corpus_cfg: CorpusConfig, lcfg: LMFaithfulnessConfig, layer: int,
+                  in_site: str, out_site: str, seed: int, device: str,
+                  ) -> tuple[dict[str, Tensor], Tensor, dict[str, Any] | None]:
+    """The off-distribution inputs (``shuffled``; ``other_text`` when ``lcfg.offdist_source``), the
+    shuffled contexts and a summary of the other text."""
+    others: dict[str, Tensor] = {}
+    shuffled = shuffle_tokens(contexts[: lcfg.offdist_contexts], seed)
+    xs, _, ps = collect_inputs(lm.adapter, shuffled, layer, in_site, out_site, lcfg.batch_contexts)
+    others["shuffled"] = xs[ps > 0].to(device)
+    other_source = None
+    if lcfg.offdist_source:
+        ocfg = dataclasses.replace(corpus_cfg, source=lcfg.offdist_source, val_fraction=0.0,
+                                   val_documents=[], max_documents=0)
+        ocorpus = get_corpus(lm, ocfg)
+        octx = ocorpus.train[: lcfg.offdist_contexts]
+        xo, _, po = collect_inputs(lm.adapter, octx, layer, in_site, out_site, lcfg.batch_contexts)
+        others["other_text"] = xo[po > 0].to(device)
+        other_source = {"source": lcfg.offdist_source, "contexts": int(octx.shape[0]),
+                        "documents": ocorpus.train_documents}
+    return others, shuffled, other_source
+
+
 def lm_faithfulness(coder_path: str | Path, cfg: LMConfig | None = None, corpus_cfg: CorpusConfig | None = None,
                     fcfg: FaithfulnessConfig | None = None, lcfg: LMFaithfulnessConfig | None = None, *,
                     out: str | Path | None = None, model_given: bool = False, layer_given: bool = False,
@@ -255,23 +277,9 @@ def lm_faithfulness(coder_path: str | Path, cfg: LMConfig | None = None, corpus_
         det_x = typical.cpu()
     det_x = det_x.to(cfg.device)
 
-    # off-distribution sets
-    others: dict[str, Tensor] = {}
-    shuffled = shuffle_tokens(contexts[: lcfg.offdist_contexts], fcfg.seed)
-    say("collecting the shuffled-token set")
-    xs, _, ps = collect_inputs(adapter, shuffled, layer, in_site, out_site, lcfg.batch_contexts)
-    others["shuffled"] = xs[ps > 0].to(cfg.device)
-    other_source = None
-    if lcfg.offdist_source:
-        ocfg = dataclasses.replace(corpus_cfg, source=lcfg.offdist_source, val_fraction=0.0,
-                                   val_documents=[], max_documents=0)
-        ocorpus = get_corpus(lm, ocfg)
-        octx = ocorpus.train[: lcfg.offdist_contexts]
-        say("collecting the other-text set")
-        xo, _, po = collect_inputs(adapter, octx, layer, in_site, out_site, lcfg.batch_contexts)
-        others["other_text"] = xo[po > 0].to(cfg.device)
-        other_source = {"source": lcfg.offdist_source, "contexts": int(octx.shape[0]),
-                        "documents": ocorpus.train_documents}
+    say("collecting the off-distribution sets")
+    others, shuffled, other_source = _offdist_sets(lm, contexts, corpus_cfg, lcfg, layer, in_site, out_site,
+                                                   fcfg.seed, cfg.device)
 
     report = faithfulness_report(reference, coder, x, groups=groups, detector_x=det_x, detector_keys=keys,
                                  other_sets=others, typical=typical, cfg=fcfg, progress=say)
