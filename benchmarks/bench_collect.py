@@ -33,8 +33,9 @@ import torch
 
 from mechfaith.lm.activations import ActivationConfig, iter_model_activations, write_activation_cache
 from mechfaith.lm.adapters import StopForward, hooks_removed_after
-from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.pipeline import LMConfig, get_corpus, get_model, resolve_layer
+from mechfaith.lm.config import LMConfig
+from mechfaith.lm.corpus import CorpusConfig, get_corpus
+from mechfaith.lm.model_cache import get_model, resolve_layer
 
 
 def bare_forward(adapter, contexts: torch.Tensor, layer: int, batch_contexts: int) -> None:

@@ -15,9 +15,11 @@ from mechfaith.coders.files import save_coder  # noqa: E402
 from mechfaith.configs import config_to_dict  # noqa: E402
 from mechfaith.errors import ConfigError, InputError  # noqa: E402
 from mechfaith.faithfulness.report import FaithfulnessConfig  # noqa: E402
-from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
+from mechfaith.lm.config import LMConfig  # noqa: E402
+from mechfaith.lm.corpus import CorpusConfig, eval_contexts  # noqa: E402
 from mechfaith.lm.faithfulness import (  # noqa: E402
     LMFaithfulnessConfig,
+    LMFaithfulnessResult,
     collect_inputs,
     context_keys,
     lm_faithfulness,
@@ -25,7 +27,7 @@ from mechfaith.lm.faithfulness import (  # noqa: E402
     shuffle_tokens,
     tokenize_text,
 )
-from mechfaith.lm.pipeline import LMConfig, eval_contexts, get_model  # noqa: E402
+from mechfaith.lm.model_cache import get_model  # noqa: E402
 
 torch.set_num_threads(1)
 WORDS = "the king queen lord love death night day sword crown heart blood".split()
@@ -125,8 +127,10 @@ def test_lm_report_finds_the_planted_datapoint_feature(setup):
                                 offdist_source=str(root / "other"), offdist_contexts=8)
     rep = lm_faithfulness(folder, cfg, None, fcfg, lcfg)
     path = root / "run" / "faithfulness" / "faithfulness.json"
-    assert rep["path"] == str(path)
+    assert rep.path == str(path)
     on_disk = json.loads(path.read_text())
+    assert on_disk == rep.to_json() and rep.lm.layer == 1 and rep.measures["jacobian"] == on_disk["jacobian"]
+    assert LMFaithfulnessResult.from_json(on_disk, rep.path) == rep
     assert on_disk["lm"]["layer"] == 1 and on_disk["lm"]["reference_check_rel_diff"] < 1e-5
     assert on_disk["lm"]["eval_tokens"] == n_ctx * 24
     assert on_disk["lm"]["detector"]["planted_contexts"] == 4
@@ -147,7 +151,7 @@ def test_lm_report_finds_the_planted_datapoint_feature(setup):
     # without a planted passage the detector sample has no repeats of it: nothing flagged
     lcfg2 = LMFaithfulnessConfig(eval_contexts=n_ctx, passage="none")
     rep2 = lm_faithfulness(folder, cfg, None, fcfg, lcfg2, out=root / "plain")
-    assert rep2["datapoints"]["n_flagged"] == 0 and "other_text" not in rep2["offdist"]["sets"]
+    assert rep2.measures["datapoints"]["n_flagged"] == 0 and "other_text" not in rep2.measures["offdist"]["sets"]
     assert (root / "plain" / "faithfulness.json").is_file()
 
 

@@ -18,10 +18,10 @@ from mechfaith.coders.files import (
     read_json,
     read_tensors,
     save_coder,
-    write_json,
     write_tensors,
 )
 from mechfaith.errors import CoderFileError
+from mechfaith.jsonio import write_json
 
 
 def make(activation: str = "relu", skip: bool = False, seed: int = 0) -> SparseCoder:

@@ -13,15 +13,20 @@ pytest.importorskip("transformers")
 from browser import open_page, require_browser  # noqa: E402
 from mechfaith.coders import CoderConfig, SparseCoder  # noqa: E402
 from mechfaith.errors import ConfigError  # noqa: E402
-from mechfaith.lm import experiment as exp_mod  # noqa: E402
-from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
-from mechfaith.lm.experiment import ExperimentConfig, findings, run_experiment, summarize  # noqa: E402
-from mechfaith.lm.experiment_data import build_experiment_data  # noqa: E402
-from mechfaith.lm.experiment_metrics import passage_features, spliced_ce  # noqa: E402
+from mechfaith.lm.config import LMConfig  # noqa: E402
+from mechfaith.lm.corpus import (  # noqa: E402
+    CorpusConfig,  # noqa: E402
+    eval_contexts,
+    get_corpus,
+)
 from mechfaith.lm.faithfulness import tokenize_text  # noqa: E402
 from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity  # noqa: E402
-from mechfaith.lm.pipeline import LMConfig, eval_contexts, get_corpus, get_model  # noqa: E402
+from mechfaith.lm.model_cache import get_model  # noqa: E402
 from mechfaith.reports.experiment_report import write_experiment_html  # noqa: E402
+from mechfaith.studies import memorization as exp_mod  # noqa: E402
+from mechfaith.studies.memorization import ExperimentConfig, findings, run_experiment, summarize  # noqa: E402
+from mechfaith.studies.memorization_data import build_experiment_data  # noqa: E402
+from mechfaith.studies.memorization_metrics import passage_features, spliced_ce  # noqa: E402
 
 torch.set_num_threads(1)
 WORDS = "the king queen lord love death night day sword crown heart blood".split()

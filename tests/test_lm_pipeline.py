@@ -13,23 +13,20 @@ from mechfaith.coders import CoderConfig, SparseCoder  # noqa: E402
 from mechfaith.coders.files import load_coder  # noqa: E402
 from mechfaith.errors import ConfigError  # noqa: E402
 from mechfaith.lm.activations import ActivationCache, CachedActivationStream  # noqa: E402
-from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
-from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity  # noqa: E402
-from mechfaith.lm.pipeline import (  # noqa: E402
+from mechfaith.lm.collect import CollectResult, collect  # noqa: E402
+from mechfaith.lm.config import LMCoderConfig, LMConfig, lm_train_config  # noqa: E402
+from mechfaith.lm.corpus import (  # noqa: E402
     ByteTokenizer,
-    ColumnStream,
-    LMCoderConfig,
-    LMConfig,
-    collect,
-    evaluate,
-    get_model,
-    init_skip_lstsq,
-    lm_train_config,
-    scale_encoder_,
-    train_coder,
+    CorpusConfig,  # noqa: E402
+    get_corpus,
 )
+from mechfaith.lm.evaluate import evaluate  # noqa: E402
+from mechfaith.lm.fidelity import FidelityConfig, SpliceEntry, evaluate_fidelity, evaluate_many  # noqa: E402
+from mechfaith.lm.model_cache import get_model  # noqa: E402
 from mechfaith.lm.splice import splice  # noqa: E402
-from mechfaith.lm.sweep import SpliceEntry, evaluate_many, run_sweep  # noqa: E402
+from mechfaith.lm.sweep import SweepResult, run_sweep  # noqa: E402
+from mechfaith.lm.train import ColumnStream, train_coder  # noqa: E402
+from mechfaith.reports.sweep_plot import plot_sweep  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -67,34 +64,39 @@ def test_collect_train_eval_end_to_end(family, corpus_cfg, tmp_path):
     coder = load_coder(run / "coder")
     assert coder.cfg.activation == "topk" and coder.cfg.k == 4 and coder.cfg.skip and coder.n_latents == 128
     # the skip starts at the least-squares fit, so training from it ends far above zero FVE
-    assert s["skip_lstsq_fve"] > 0.5 and s["final_train_metrics"]["fve"] > 0.5
+    assert s.skip_lstsq_fve > 0.5 and s.final_train_metrics["fve"] > 0.5
     e = evaluate(run, progress=False)
     assert (run / "eval.json").is_file() and json.loads((run / "eval.json").read_text())["layer"] == 1
-    assert e["eval_source"].startswith("validation documents")
-    assert e["l0"] <= 4 + 1e-9 and e["l0_bos"] is not None and e["fve"] > 0.5
+    assert e.eval_source.startswith("validation documents")
+    assert e.path == str(run / "eval.json")
+    assert e.to_json() == json.loads((run / "eval.json").read_text())
+    assert e.l0 <= 4 + 1e-9 and e.l0_bos is not None and e.fve > 0.5
     if family == "bert":  # no causal LM head: fidelity on the final hidden states
-        assert e["ce_clean"] is None
-        assert e["hidden_rel_error_spliced"] < e["hidden_rel_error_zero_ablated"]
+        assert e.ce_clean is None
+        assert e.hidden_rel_error_spliced < e.hidden_rel_error_zero_ablated
     else:
-        assert e["ce_clean"] is not None and e["kl_spliced"] >= 0
-        assert abs(e["ce_spliced"] - e["ce_clean"]) < abs(e["ce_zero_ablated"] - e["ce_clean"]) + 1e-3
+        assert e.ce_clean is not None and e.kl_spliced >= 0
+        assert abs(e.ce_spliced - e.ce_clean) < abs(e.ce_zero_ablated - e.ce_clean) + 1e-3
 
 
 def test_collect_reuse_and_bad_layer(corpus_cfg, tmp_path):
     cfg = lm_cfg("llama", layer=0, train_tokens=500)
     s = collect(cfg, corpus_cfg, tmp_path / "acts", layers=[0, 1], progress=False)
-    assert s["layers"] == [0, 1] and s["n_tokens"] >= 500
+    assert s.layers == [0, 1] and s.n_tokens >= 500
+    on_disk = json.loads((tmp_path / "acts" / "collect.json").read_text())
+    assert on_disk == s.to_json() and on_disk["command"] == "collect" and CollectResult.from_json(on_disk) == s
     cache = ActivationCache(tmp_path / "acts")
     x0, y0 = cache.load(0)
     x1, _ = cache.load(1)
-    assert x0.shape == (s["n_tokens"], 32) and not torch.allclose(x0[:10], x1[:10])
+    assert x0.shape == (s.n_tokens, 32) and not torch.allclose(x0[:10], x1[:10])
     with pytest.raises(ConfigError, match="out of range"):
         collect(lm_cfg("llama", layer=7), corpus_cfg, tmp_path / "bad", progress=False)
     # training from an existing cache uses its layer and sites
     tcfg = lm_train_config(n_steps=5, batch_size=64, log_every=5, checkpoint_every=0)
     s2 = train_coder(lm_cfg("llama", layer=1), corpus_cfg, LMCoderConfig(k=4, expansion=2), tcfg,
                      tmp_path / "run", activations=tmp_path / "acts", progress=False)
-    assert s2["layer"] == 1 and s2["activations"] == str(tmp_path / "acts")
+    assert s2.layer == 1 and s2.activations == str(tmp_path / "acts")
+    assert s2.to_json() == json.loads((tmp_path / "run" / "train.json").read_text())
     with pytest.raises(ConfigError, match="needs a sparsity penalty"):
         train_coder(lm_cfg("llama"), corpus_cfg, LMCoderConfig(activation="relu", expansion=2), tcfg,
                     tmp_path / "run2", activations=tmp_path / "acts", progress=False)
@@ -123,7 +125,6 @@ def test_jacobian_matching_uses_the_real_mlp(corpus_cfg, tmp_path):
 
 def test_evaluate_many_matches_single_coder_evaluation(corpus_cfg):
     lm = get_model(lm_cfg("gpt2"))
-    from mechfaith.lm.pipeline import get_corpus
     contexts = get_corpus(lm, corpus_cfg).val[:6]
     g = torch.Generator().manual_seed(0)
     coder = SparseCoder(CoderConfig(d_in=32, n_latents=64, activation="topk", k=5, skip=True), generator=g)
@@ -132,15 +133,25 @@ def test_evaluate_many_matches_single_coder_evaluation(corpus_cfg):
     fcfg = FidelityConfig(batch_contexts=4)
     ref = evaluate_fidelity(lm.adapter, contexts, {1: coder}, "mlp_in", "mlp_out", fcfg)
     many = evaluate_many(lm.adapter, contexts, {"tc": SpliceEntry(coder, 1, "mlp_in", "mlp_out")}, fcfg)
-    c, b = many["coders"]["tc"], many["baseline"]
-    assert c["ce_spliced"] == pytest.approx(ref.ce_spliced, rel=1e-6)
-    assert b["ce_clean"] == pytest.approx(ref.ce_clean, rel=1e-6)
-    assert b["ce_zero_ablated"]["1"] == pytest.approx(ref.ce_zero_ablated, rel=1e-6)
-    assert b["ce_mean_ablated"]["1"] == pytest.approx(ref.ce_mean_ablated, rel=1e-6)
-    assert c["kl_spliced"] == pytest.approx(ref.kl_spliced, rel=1e-5)
-    assert c["fve"] == pytest.approx(ref.layer_stats[0].fve, rel=1e-6)
-    assert c["l0"] == pytest.approx(ref.layer_stats[0].l0)
-    assert c["loss_recovered_zero"] == pytest.approx(ref.loss_recovered_zero, rel=1e-5)
+    c, b = many.coders["tc"], many.baseline
+    assert c.ce_spliced == pytest.approx(ref.ce_spliced, rel=1e-6)
+    assert b.ce_clean == pytest.approx(ref.ce_clean, rel=1e-6)
+    assert b.ce_zero_ablated["1"] == pytest.approx(ref.ce_zero_ablated, rel=1e-6)
+    assert b.ce_mean_ablated["1"] == pytest.approx(ref.ce_mean_ablated, rel=1e-6)
+    assert c.kl_spliced == pytest.approx(ref.kl_spliced, rel=1e-5)
+    assert c.layer_stats[0].fve == pytest.approx(ref.layer_stats[0].fve, rel=1e-6)
+    assert c.layer_stats[0].l0 == pytest.approx(ref.layer_stats[0].l0)
+    assert c.loss_recovered_zero == pytest.approx(ref.loss_recovered_zero, rel=1e-5)
+    # two coders at once: each as if alone; both together ablate and splice both layers
+    other = SparseCoder(CoderConfig(d_in=32, n_latents=64, activation="topk", k=3), generator=g)
+    pair = evaluate_many(lm.adapter, contexts, {"tc": SpliceEntry(coder, 1, "mlp_in"),
+                                                 "both": [SpliceEntry(coder, 1, "mlp_in"),
+                                                          SpliceEntry(other, 0, "mlp_in")]}, fcfg)
+    assert pair.coders["tc"].ce_spliced == pytest.approx(ref.ce_spliced, rel=1e-6)
+    both = evaluate_fidelity(lm.adapter, contexts, {0: other, 1: coder}, "mlp_in", "mlp_out", fcfg)
+    assert pair.coders["both"].ce_spliced == pytest.approx(both.ce_spliced, rel=1e-6)
+    assert pair.baseline.ce_zero_ablated["0,1"] == pytest.approx(both.ce_zero_ablated, rel=1e-6)
+    assert both.ce_spliced != pytest.approx(ref.ce_spliced, rel=1e-6)
 
 
 def test_sae_of_mlp_output_splices_in_place_of_the_output():
@@ -158,26 +169,6 @@ def test_sae_of_mlp_output_splices_in_place_of_the_output():
     assert not torch.allclose(zero, clean, atol=1e-4)
     for mod in lm.model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
-
-
-def test_lstsq_skip_init_matches_torch_lstsq():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 6, generator=g)
-    w_true = torch.randn(6, 4, generator=g)
-    y = x @ w_true + 0.3 + 0.01 * torch.randn(500, 4, generator=g)
-    coder = SparseCoder(CoderConfig(d_in=6, n_latents=8, d_out=4, activation="topk", k=2, skip=True))
-    fve = init_skip_lstsq(coder, x, y, ridge=0.0)
-    xa = torch.cat([x, torch.ones(500, 1)], 1).double()
-    sol = torch.linalg.lstsq(xa, y.double()).solution
-    torch.testing.assert_close(coder.W_skip.double(), sol[:6], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(coder.b_dec.double(), sol[6], atol=1e-5, rtol=1e-4)
-    assert fve > 0.99
-    # the encoder scaling makes the latents' share of the output the requested fraction
-    scale_encoder_(coder, x, y, fraction=0.1)
-    out = coder.forward_full(x)
-    part = out.f @ coder.W_dec
-    rest = y - (out.y_hat - part)
-    assert float(part.pow(2).mean().sqrt() / rest.pow(2).mean().sqrt()) == pytest.approx(0.1, rel=1e-3)
 
 
 def test_column_stream_modes_and_resume(corpus_cfg, tmp_path):
@@ -207,9 +198,12 @@ def test_byte_tokenizer_keeps_bos_free():
 def test_sweep_writes_json_and_png(corpus_cfg, tmp_path):
     cfg = lm_cfg("gpt2", train_tokens=1500)
     tcfg = lm_train_config(n_steps=30, batch_size=128, log_every=15, checkpoint_every=0)
-    run_sweep(cfg, corpus_cfg, LMCoderConfig(expansion=4), tcfg, [2, 8], tmp_path / "sw", progress=False)
+    res = run_sweep(cfg, corpus_cfg, LMCoderConfig(expansion=4), tcfg, [2, 8], tmp_path / "sw", progress=False)
+    plot_sweep(res, res.figure)
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert saved == res.to_json() and SweepResult.from_json(saved).to_json() == saved
+    assert "hidden_rel_error_spliced" not in saved["runs"][0] and "hidden_rel_error_zero_ablated" not in saved["baseline"]
     assert [r_["name"] for r_ in saved["runs"]] == ["transcoder_k2", "transcoder_k8", "sae_k2", "sae_k8"]
     by = {r_["name"]: r_ for r_ in saved["runs"]}
     assert by["sae_k2"]["l0"] <= 2 + 1e-9 and by["sae_k8"]["l0"] <= 8 + 1e-9

@@ -24,8 +24,9 @@ from collections import defaultdict
 from typing import Any
 
 from mechfaith.circuits.search import SearchResult
-from mechfaith.coders.files import read_json, write_json
+from mechfaith.coders.files import read_json
 from mechfaith.errors import CoderFileError
+from mechfaith.jsonio import write_json
 
 FORMAT = "mechfaith.circuit_graph"
 FORMAT_VERSION = 1

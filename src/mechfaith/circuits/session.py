@@ -15,8 +15,9 @@ from torch import Tensor
 
 from mechfaith.circuits.replacement import TC_INPUT_SITES, Transcoder
 from mechfaith.errors import ConfigError, InputError
+from mechfaith.lm.coder_files import open_coder
+from mechfaith.lm.corpus import ByteTokenizer
 from mechfaith.lm.models import LoadedModel, load_model
-from mechfaith.lm.pipeline import ByteTokenizer, open_coder
 
 log = logging.getLogger(__name__)
 

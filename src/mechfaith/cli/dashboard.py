@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from mechfaith.circuits.dashboard_data import feature_dashboards
     from mechfaith.circuits.roots import select_features
     from mechfaith.circuits.session import open_session
-    from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.lm.pipeline import eval_contexts
+    from mechfaith.lm.corpus import CorpusConfig, eval_contexts
     from mechfaith.reports.dashboard import write_dashboards
 
     session = open_session(args.model, args.coders, args.device)

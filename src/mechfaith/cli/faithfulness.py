@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
 def _add_experiment_parser(sub) -> None:
     from mechfaith.cli.dataclass_args import add_dataclass_args
     from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.lm.experiment import ExperimentConfig
+    from mechfaith.studies.memorization import ExperimentConfig
 
     p = sub.add_parser("experiment", help="does a transcoder memorize a repeated passage; does Jacobian "
                        "matching prevent it (JSON + HTML)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -115,8 +115,8 @@ def configs(args: argparse.Namespace):
 def _run_experiment(args: argparse.Namespace) -> int:
     from mechfaith.cli.dataclass_args import dataclass_from_args, load_config_sections
     from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.lm.experiment import QUICK, ExperimentConfig, run_experiment
     from mechfaith.reports.experiment_report import write_experiment_html
+    from mechfaith.studies.memorization import QUICK, ExperimentConfig, run_experiment
 
     files = load_config_sections(getattr(args, "config", None), ("experiment", "corpus"))
     base = dict(QUICK) if args.quick else {}
@@ -132,7 +132,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
     for r in rep["table"]:
         print(" | ".join([f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", str(r["k"]),
                           fmt_value(r["memorization"], r["memorization_sd"]), fmt_value(r["n_passage_features"]),
-                          fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]), fmt_value(r["passage_jacobian_rel"]),
+                          fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]),
+                          fmt_value(r["passage_jacobian_rel"]),
                           fmt_value(r["jacobian_rel"], r["jacobian_rel_sd"]),
                           fmt_value(r["fve"], r["fve_sd"]), fmt_value(r["l0"]),
                           fmt_value(r["ce_increase"], r["ce_increase_sd"])]))
@@ -147,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.lm.config import LMConfig
     from mechfaith.lm.faithfulness import lm_faithfulness
-    from mechfaith.lm.pipeline import LMConfig, coder_corpus_with_source
     from mechfaith.reports.faithfulness_report import write_faithfulness_html
 
     fcfg, lcfg = configs(args)
@@ -160,19 +162,19 @@ def _run_report(args: argparse.Namespace) -> int:
     rep = lm_faithfulness(args.coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=args.out,
                           model_given=args.model is not None, layer_given=args.layer is not None,
                           progress=not getattr(args, "quiet", False))
-    folder = Path(rep["path"]).parent
-    lm = rep["lm"]
-    write_faithfulness_html(rep, folder / "report.html",
-                            f"Faithfulness of a transcoder of {lm['model']} layer {lm['layer']}")
-    jac = rep["jacobian"]
+    folder = Path(rep.path).parent
+    write_faithfulness_html(rep.to_json(), folder / "report.html",
+                            f"Faithfulness of a transcoder of {rep.lm.model} layer {rep.lm.layer}")
+    m = rep.measures
+    jac = m["jacobian"]
     print(f"Jacobian relative error: all {fmt_value(jac['all']['rel_error'], jac['all']['rel_error_se'])}, "
           f"BOS {fmt_value(jac['bos']['rel_error'], jac['bos']['rel_error_se'])}, "
           f"other {fmt_value(jac['other']['rel_error'], jac['other']['rel_error_se'])}")
-    print(f"FVE {fmt_value(rep['fidelity']['other']['fve'])}, L0 {fmt_value(rep['fidelity']['other']['l0'])} (non-BOS); "
-          f"datapoint features flagged: {rep['datapoints']['n_flagged']}; "
-          f"masking features flagged: {rep['masking']['n_flagged']}")
-    ratios = ", ".join(f"{n} {fmt_value(s['rel_error_ratio'])}" for n, s in rep["offdist"]["sets"].items()
+    print(f"FVE {fmt_value(m['fidelity']['other']['fve'])}, L0 {fmt_value(m['fidelity']['other']['l0'])} (non-BOS); "
+          f"datapoint features flagged: {m['datapoints']['n_flagged']}; "
+          f"masking features flagged: {m['masking']['n_flagged']}")
+    ratios = ", ".join(f"{n} {fmt_value(s['rel_error_ratio'])}" for n, s in m["offdist"]["sets"].items()
                        if n != "on_distribution")
     print(f"off-distribution error ratios: {ratios}")
-    print(f"wrote {folder / 'faithfulness.json'} and {folder / 'report.html'} ({rep['seconds']:.0f} s)")
+    print(f"wrote {folder / 'faithfulness.json'} and {folder / 'report.html'} ({rep.seconds:.0f} s)")
     return 0

@@ -20,11 +20,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
 from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
+
+if TYPE_CHECKING:
+    from mechfaith.lm.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_lm_args(p: argparse.ArgumentParser, *, coder: bool, train: bool) -> None:
+    from mechfaith.lm.config import LMCoderConfig, LMConfig
     from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.lm.pipeline import LMCoderConfig, LMConfig
     from mechfaith.training.config import TrainConfig
 
     add_dataclass_args(p.add_argument_group("model and data"), LMConfig)
@@ -76,7 +79,7 @@ def _add_lm_args(p: argparse.ArgumentParser, *, coder: bool, train: bool) -> Non
 
 
 def _lm_train_defaults() -> dict[str, Any]:
-    from mechfaith.lm.pipeline import LM_TRAIN_DEFAULTS
+    from mechfaith.lm.config import LM_TRAIN_DEFAULTS
 
     return dict(LM_TRAIN_DEFAULTS)
 
@@ -162,8 +165,8 @@ def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _configs(args: argparse.Namespace, *, coder: bool, train: bool, train_defaults: dict | None = None):
+    from mechfaith.lm.config import LM_TRAIN_DEFAULTS, LMCoderConfig, LMConfig
     from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.lm.pipeline import LM_TRAIN_DEFAULTS, LMCoderConfig, LMConfig
     from mechfaith.training.config import TrainConfig
 
     files = _file_sections(args)
@@ -187,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_collect(args: argparse.Namespace) -> int:
-    from mechfaith.lm.pipeline import collect
+    from mechfaith.lm.collect import collect
 
     lm_cfg, corpus_cfg, _, _ = _configs(args, coder=False, train=False)
     layers = None
@@ -197,43 +200,44 @@ def _run_collect(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
     s = collect(lm_cfg, corpus_cfg, args.out, layers=layers, progress=_progress(args))
-    print(f"collected {s['n_tokens']} tokens x layers {s['layers']} of {s['model']} "
-          f"({s['input_site']} -> {s['output_site']}) in {s['seconds']:.0f} s "
-          f"({s['tokens_per_second']:.0f} tok/s) into {args.out}")
+    print(f"collected {s.n_tokens} tokens x layers {s.layers} of {s.model} "
+          f"({s.input_site} -> {s.output_site}) in {s.seconds:.0f} s "
+          f"({s.tokens_per_second:.0f} tok/s) into {args.out}")
     return 0
 
 
-def _print_eval(e: dict[str, Any]) -> None:
-    print(f"eval {e['model']} layer {e['layer']} on {e['eval_tokens']} held-out tokens "
-          f"({e['eval_source']}):")
-    print(f"  FVE {fmt_value(e['fve'], spec='.4f')}  L0 {fmt_value(e['l0'], spec='.1f')} "
-          f"(BOS {fmt_value(e['l0_bos'], spec='.1f')})  "
-          f"dead {fmt_value(e['dead_fraction'], spec='.3f')}  dense {fmt_value(e['dense_fraction'], spec='.3f')}")
-    if e["ce_clean"] is not None:
-        print(f"  CE clean {e['ce_clean']:.4f}  spliced {e['ce_spliced']:.4f} ({e['ce_increase']:+.4f})  "
-              f"zero-ablated {e['ce_zero_ablated']:.4f}  mean-ablated {e['ce_mean_ablated']:.4f}")
-        print(f"  loss recovered {100 * e['loss_recovered_zero']:.1f}% (vs zero-ablation), "
-              f"{100 * e['loss_recovered_mean']:.1f}% (vs mean-ablation); KL spliced {e['kl_spliced']:.4f}, "
-              f"zero-ablated {e['kl_zero_ablated']:.4f}")
+def _print_eval(e: EvalResult) -> None:
+    print(f"eval {e.model} layer {e.layer} on {e.eval_tokens} held-out tokens "
+          f"({e.eval_source}):")
+    print(f"  FVE {fmt_value(e.fve, spec='.4f')}  L0 {fmt_value(e.l0, spec='.1f')} "
+          f"(BOS {fmt_value(e.l0_bos, spec='.1f')})  "
+          f"dead {fmt_value(e.dead_fraction, spec='.3f')}  dense {fmt_value(e.dense_fraction, spec='.3f')}")
+    if e.ce_clean is not None:
+        print(f"  CE clean {e.ce_clean:.4f}  spliced {e.ce_spliced:.4f} ({e.ce_increase:+.4f})  "
+              f"zero-ablated {e.ce_zero_ablated:.4f}  mean-ablated {e.ce_mean_ablated:.4f}")
+        print(f"  loss recovered {100 * e.loss_recovered_zero:.1f}% (vs zero-ablation), "
+              f"{100 * e.loss_recovered_mean:.1f}% (vs mean-ablation); KL spliced {e.kl_spliced:.4f}, "
+              f"zero-ablated {e.kl_zero_ablated:.4f}")
     else:
-        print(f"  final hidden states: relative error spliced {e['hidden_rel_error_spliced']:.4f}, "
-              f"zero-ablated {e['hidden_rel_error_zero_ablated']:.4f}")
-    print(f"  wrote {e['path']} ({e['seconds']:.0f} s)")
+        print(f"  final hidden states: relative error spliced {e.hidden_rel_error_spliced:.4f}, "
+              f"zero-ablated {e.hidden_rel_error_zero_ablated:.4f}")
+    print(f"  wrote {e.path} ({e.seconds:.0f} s)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from mechfaith.lm.pipeline import evaluate, train_coder
+    from mechfaith.lm.evaluate import evaluate
+    from mechfaith.lm.train import train_coder
 
     lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True)
     s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
                     sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
-    m = s["final_train_metrics"]
-    print(f"trained {s['coder_config']['kind']} of {s['model']} layer {s['layer']}: {s['steps']} steps, "
-          f"{s['tokens']} tokens ({s['unique_tokens']} unique, {s['epochs']:.2f} epochs); "
+    m = s.final_train_metrics
+    print(f"trained {s.coder_config['kind']} of {s.model} layer {s.layer}: {s.steps} steps, "
+          f"{s.tokens} tokens ({s.unique_tokens} unique, {s.epochs:.2f} epochs); "
           f"train FVE {fmt_value(m.get('fve'), spec='.4f')}, L0 {fmt_value(m.get('l0'), spec='.1f')}, "
           f"dead {fmt_value(m.get('dead_frac'), spec='.3f')}")
-    print(f"  collect {s['collect_seconds']:.0f} s, train {s['train_seconds']:.0f} s, "
-          f"total {s['total_seconds']:.0f} s; wrote {Path(args.out) / 'train.json'}")
+    print(f"  collect {s.collect_seconds:.0f} s, train {s.train_seconds:.0f} s, "
+          f"total {s.total_seconds:.0f} s; wrote {Path(args.out) / 'train.json'}")
     if args.eval:
         e = evaluate(Path(args.out), lm_cfg, corpus_cfg, progress=_progress(args))
         _print_eval(e)
@@ -244,7 +248,9 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mechfaith.lm.pipeline import LMConfig, coder_corpus_with_source, evaluate
+    from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.lm.config import LMConfig
+    from mechfaith.lm.evaluate import evaluate
 
     base = LMConfig()
     lm_cfg = dataclasses.replace(
@@ -262,6 +268,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from mechfaith.lm.sweep import run_sweep, sweep_param
+    from mechfaith.reports.sweep_plot import plot_sweep
 
     lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True,
                                                         train_defaults=SWEEP_TRAIN_DEFAULTS)
@@ -276,23 +283,23 @@ def _run_sweep(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     r = run_sweep(lm_cfg, corpus_cfg, coder_cfg, train_cfg, values, args.out, kinds=kinds,
                   activations=args.activations, progress=_progress(args))
-    base = r["baseline"]
-    layer = str(r["layer"])
-    if "ce_clean" in base:
-        print(f"sweep {r['model']} layer {layer}: CE clean {base['ce_clean']:.4f}, mean-ablated "
-              f"{base['ce_mean_ablated'][layer]:.4f}, zero-ablated {base['ce_zero_ablated'][layer]:.4f}")
-    for run_ in r["runs"]:
-        y = run_.get("ce_spliced", run_.get("hidden_rel_error_spliced"))
-        print(f"  {run_['name']:24s} L0 {fmt_value(run_['l0'], spec='7.1f')}  "
-              f"FVE {fmt_value(run_['fve'], spec='.3f')}  "
-              f"{'CE' if 'ce_spliced' in run_ else 'hidden err'} {fmt_value(y, spec='.4f')}")
-    print(f"wrote {Path(args.out) / 'sweep.json'} and {r['figure']} ({r['total_seconds']:.0f} s)")
+    plot_sweep(r, r.figure)
+    base = r.baseline
+    layer = str(r.layer)
+    if base.ce_clean is not None and base.ce_mean_ablated is not None and base.ce_zero_ablated is not None:
+        print(f"sweep {r.model} layer {layer}: CE clean {base.ce_clean:.4f}, mean-ablated "
+              f"{base.ce_mean_ablated[layer]:.4f}, zero-ablated {base.ce_zero_ablated[layer]:.4f}")
+    for run_ in r.runs:
+        print(f"  {run_.name:24s} L0 {fmt_value(run_.l0, spec='7.1f')}  FVE {fmt_value(run_.fve, spec='.3f')}  "
+              f"{'CE' if run_.ce_spliced is not None else 'hidden err'} "
+              f"{fmt_value(run_.spliced, spec='.4f')}")
+    print(f"wrote {Path(args.out) / 'sweep.json'} and {r.figure} ({r.total_seconds:.0f} s)")
     return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from mechfaith.lm.coder_files import open_coder
     from mechfaith.lm.formats import export_saelens
-    from mechfaith.lm.pipeline import open_coder
 
     ref = open_coder(args.coder)
     export_saelens(ref.coder, args.out, layer=ref.layer, input_site=ref.input_site or "mlp_in",
@@ -303,8 +310,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _run_import(args: argparse.Namespace) -> int:
     from mechfaith.coders.files import save_coder
-    from mechfaith.faithfulness.report import json_safe
-    from mechfaith.lm.pipeline import open_coder
+    from mechfaith.jsonio import json_safe
+    from mechfaith.lm.coder_files import open_coder
 
     src = Path(args.source)
     if not src.exists():

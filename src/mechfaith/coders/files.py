@@ -23,6 +23,7 @@ from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.configs import config_from_dict, config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError
+from mechfaith.jsonio import write_json
 
 FORMAT = "mechfaith.coder"
 FORMAT_VERSION = 1
@@ -61,12 +62,6 @@ def read_tensors(path: str | os.PathLike[str], expected_sha256: str | None = Non
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CoderFileError(path, f"not a readable safetensors file ({first})") from None
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically (sorted keys, indented)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -18,10 +18,8 @@ tensors of a real model's layer and calls it.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import PurePath
 from typing import Any, Callable, Mapping
 
 import torch
@@ -34,6 +32,7 @@ from mechfaith.faithfulness.agreement import jacobian_agreement, jacobian_spectr
 from mechfaith.faithfulness.datapoints import DatapointConfig, detect_datapoint_features
 from mechfaith.faithfulness.masking import MaskingConfig, detect_gradient_masking
 from mechfaith.faithfulness.offdist import offdistribution_report
+from mechfaith.jsonio import json_safe
 
 Fn = Callable[[Tensor], Tensor]
 REPORT_FORMAT = "mechfaith.faithfulness"
@@ -61,23 +60,6 @@ class FaithfulnessConfig:
                               "and spectra_inputs >= 0")
         if any(not s >= 0 for s in self.noise_scales):
             raise ConfigError(f"FaithfulnessConfig.noise_scales must be >= 0, got {self.noise_scales}")
-
-
-def json_safe(obj: Any) -> Any:
-    """Floats that are not finite become None; tensors become lists; dataclasses dicts; paths strings."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Tensor):
-        return json_safe(obj.tolist())
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
-        return json_safe(asdict(obj))
-    if isinstance(obj, PurePath):
-        return str(obj)
-    return obj
 
 
 @torch.no_grad()

@@ -1,19 +1,28 @@
-"""Language models: adapters, loading, corpora, activation stores, splicing, fidelity, file formats.
+"""Language models: adapters, loading, corpora, activation stores, splicing, fidelity, file formats,
+and the ``mechfaith lm`` commands.
 
 Modules (import them directly; none imports transformers at import time except through
-:mod:`mechfaith.lm.models` functions):
+:mod:`mechfaith.lm.models` functions), from the bottom up:
 
 - ``adapters``: where MLP inputs/outputs, residual stream, norms, attention, embeddings and
   unembedding live in GPT-2 / Llama / BERT models; hooks; the MLP as a function (Jacobian reference).
 - ``models``: offline built-ins (``smollm2-135m``, ``minilm-l6-v2``, ``gpt2-random``), hub names,
   tiny random models for tests.
-- ``corpus``: documents -> deterministic split by document -> BOS-prefixed contexts.
 - ``activations``: one-pass multi-layer collection with early stop, shuffle buffer, safetensors
   shards, batch streams for the trainer.
-- ``splice`` / ``fidelity``: replace MLP outputs by coders (always restored); CE / KL / loss
-  recovered / FVE / L0 / dead and dense latents.
+- ``config``: ``LMConfig``, ``LMCoderConfig`` and the LM training defaults.
+- ``model_cache``: models loaded once per process (``get_model``), ``check_model_name``,
+  ``resolve_layer``.
+- ``corpus``: documents -> deterministic split by document -> BOS-prefixed contexts; in a model's
+  tokens (``get_corpus``, ``ByteTokenizer``, ``eval_contexts``).
+- ``splice`` / ``coder_stats`` / ``fidelity``: replace MLP outputs by coders (always restored);
+  FVE / L0 / dead and dense latents; CE / KL / loss recovered of one or many splices sharing the
+  clean and ablated runs (``evaluate_many``, ``evaluate_fidelity``).
 - ``formats``: SAELens export/import; the released GPT-2 transcoders via a restricted unpickler.
-- ``pipeline``: collect -> train (foundation trainer, optional Jacobian matching against the real
-  MLP) -> eval, each writing a JSON next to its artefacts (what ``mechfaith lm`` runs).
-- ``sweep``: SAEs and transcoders over sparsity settings at one layer; L0 vs spliced-CE figure.
+- ``coder_files``: ``open_coder`` (any of those formats, with its model, layer and sites).
+- ``collect`` / ``train`` / ``evaluate``: the ``mechfaith lm`` commands, each writing a JSON of
+  typed results (``CollectResult``, ``TrainCoderResult``, ``EvalResult``) next to its artefacts.
+- ``sweep``: SAEs and transcoders over sparsity settings at one layer (``SweepResult``; its
+  figure is drawn by :mod:`mechfaith.reports.sweep_plot`).
+- ``faithfulness``: the tokens and reference of the faithfulness report of an LM transcoder.
 """

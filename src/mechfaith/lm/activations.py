@@ -29,9 +29,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechfaith.atomic import atomic_dir
-from mechfaith.coders.files import read_json, sha256_file, write_json, write_tensors
+from mechfaith.coders.files import read_json, sha256_file, write_tensors
 from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import CoderFileError, ConfigError
+from mechfaith.jsonio import write_json
 from mechfaith.lm.adapters import INPUT_SITES, OUTPUT_SITES, ModelAdapter, get_adapter
 
 log = logging.getLogger(__name__)

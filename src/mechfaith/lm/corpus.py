@@ -10,6 +10,8 @@
 - Packing: each document's tokens are cut into pieces of ``context_length - 1`` tokens, each
   prefixed with BOS (the remainder shorter than a full piece is dropped), so every context starts
   with BOS and never spans two documents.
+- In a model's tokens: :func:`get_corpus` (the model's tokenizer, or :class:`ByteTokenizer` for
+  models without one, see :func:`model_tokenizer`) and :func:`eval_contexts` (held-out contexts).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from mechfaith.configs import doc
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.lm.models import package_dir
+from mechfaith.lm.models import LoadedModel, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +215,43 @@ def build_corpus(cfg: CorpusConfig, tokenizer: Any, bos_id: int | None = None,
              train.shape[0], len(train_docs), val.shape[0], len(val_docs))
     return Corpus(shuffle_contexts(train, cfg.seed), val,
                   [d.name for d in train_docs], [d.name for d in val_docs])
+
+
+# ---------------------------------------------------------------------- in a model's tokens
+class ByteTokenizer:
+    """Text as bytes, for models without a tokenizer (the tiny random test models): byte ``b``
+    becomes token ``2 + b % (vocab_size - 2)`` (0 and 1 stay free for BOS / padding)."""
+
+    def __init__(self, vocab_size: int, bos_token_id: int = 0) -> None:
+        if vocab_size < 3:
+            raise ConfigError(f"a byte tokenizer needs a vocabulary of at least 3 tokens, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.bos_token_id = bos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [2 + b % (self.vocab_size - 2) for b in text.encode("utf-8")]}
+
+
+def model_tokenizer(lm: LoadedModel) -> tuple[Any, int | None]:
+    """The model's tokenizer and BOS id; a :class:`ByteTokenizer` (BOS 0 unless the model has one)
+    for models without a tokenizer."""
+    if lm.tokenizer is not None:
+        return lm.tokenizer, lm.bos_token_id
+    bos = 0 if lm.bos_token_id is None else lm.bos_token_id
+    return ByteTokenizer(int(lm.model.config.vocab_size), bos), bos
+
+
+def get_corpus(lm: LoadedModel, corpus_cfg: CorpusConfig) -> Corpus:
+    """The corpus in the model's tokens (bytes for models without a tokenizer)."""
+    tokenizer, bos = model_tokenizer(lm)
+    return build_corpus(corpus_cfg, tokenizer, bos)
+
+
+def eval_contexts(lm: LoadedModel, corpus_cfg: CorpusConfig, n: int) -> tuple[Tensor, str]:
+    """Up to ``n`` held-out contexts (validation documents; the last training contexts if there
+    are none) and where they came from."""
+    corpus = get_corpus(lm, corpus_cfg)
+    if corpus.val.shape[0] > 0:
+        return corpus.val[:n], f"validation documents {', '.join(corpus.val_documents)}"
+    log.warning("the corpus has no validation documents; evaluating on the last training contexts")
+    return corpus.train[-n:], "the last training contexts (no validation documents)"

@@ -31,22 +31,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechfaith.coders.files import write_json
-from mechfaith.configs import config_to_dict, doc
+from mechfaith.configs import config_from_dict, config_to_dict, doc
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report, json_safe
+from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report
+from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.activations import iter_model_activations
 from mechfaith.lm.adapters import ModelAdapter
-from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.pipeline import (
-    ByteTokenizer,
-    LMConfig,
-    eval_contexts,
-    get_corpus,
-    get_model,
-    open_coder,
-    resolve_layer,
-)
+from mechfaith.lm.coder_files import CODER_DIR, open_coder
+from mechfaith.lm.config import LMConfig
+from mechfaith.lm.corpus import CorpusConfig, eval_contexts, get_corpus, model_tokenizer
+from mechfaith.lm.model_cache import get_model, resolve_layer
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +76,48 @@ class LMFaithfulnessConfig:
                 raise ConfigError(f"LMFaithfulnessConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.passage_rate <= 1:
             raise ConfigError(f"LMFaithfulnessConfig.passage_rate must be in [0, 1], got {self.passage_rate}")
+
+
+@dataclass
+class LMFaithfulnessInfo:
+    """Where the report's tokens came from (the ``lm`` section of ``faithfulness.json``)."""
+
+    model: str
+    family: str
+    layer: int
+    input_site: str
+    output_site: str
+    coder: str
+    eval_source: str
+    eval_contexts: int
+    context_length: int
+    eval_tokens: int
+    reference_check_rel_diff: float
+    detector: dict[str, Any]  # passage, passage_tokens, planted_contexts, rows
+    offdist: dict[str, Any]  # shuffled_contexts, other_text
+    config: dict[str, Any]
+    corpus: dict[str, Any]
+
+
+@dataclass
+class LMFaithfulnessResult:
+    """What :func:`lm_faithfulness` wrote: the measurements of
+    :func:`mechfaith.faithfulness.report.faithfulness_report` (``measures``: jacobian, spectra,
+    fidelity, datapoints, offdist, masking, ...; the top level of ``faithfulness.json``), the
+    ``lm`` section, the seconds taken and the file's path (not in the file)."""
+
+    measures: dict[str, Any]
+    lm: LMFaithfulnessInfo
+    seconds: float
+    path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return json_safe({**self.measures, "lm": dataclasses.asdict(self.lm), "seconds": self.seconds})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str = "") -> LMFaithfulnessResult:
+        measures = {k: v for k, v in data.items() if k not in ("lm", "seconds")}
+        return cls(measures=measures, lm=LMFaithfulnessInfo(**data["lm"]), seconds=data["seconds"], path=path)
 
 
 # ---------------------------------------------------------------------- token-level helpers
@@ -128,9 +164,7 @@ def shuffle_tokens(contexts: Tensor, seed: int = 0) -> Tensor:
 
 def tokenize_text(lm: Any, text: str) -> list[int]:
     """Token ids of ``text`` in the model's tokenizer (bytes for tokenizer-less test models)."""
-    tok = lm.tokenizer
-    if tok is None:
-        tok = ByteTokenizer(int(lm.model.config.vocab_size), 0 if lm.bos_token_id is None else lm.bos_token_id)
+    tok, _ = model_tokenizer(lm)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -164,10 +198,32 @@ def collect_inputs(adapter: ModelAdapter, contexts: Tensor, layer: int, input_si
 
 
 # ---------------------------------------------------------------------- the report
+def _offdist_sets(lm: Any, contexts: Tensor, corpus_cfg: CorpusConfig, lcfg: LMFaithfulnessConfig, layer: int,
+                  in_site: str, out_site: str, seed: int, device: str,
+                  ) -> tuple[dict[str, Tensor], Tensor, dict[str, Any] | None]:
+    """The off-distribution inputs (``shuffled``; ``other_text`` when ``lcfg.offdist_source``), the
+    shuffled contexts and a summary of the other text."""
+    others: dict[str, Tensor] = {}
+    shuffled = shuffle_tokens(contexts[: lcfg.offdist_contexts], seed)
+    xs, _, ps = collect_inputs(lm.adapter, shuffled, layer, in_site, out_site, lcfg.batch_contexts)
+    others["shuffled"] = xs[ps > 0].to(device)
+    other_source = None
+    if lcfg.offdist_source:
+        ocfg = dataclasses.replace(corpus_cfg, source=lcfg.offdist_source, val_fraction=0.0,
+                                   val_documents=[], max_documents=0)
+        ocorpus = get_corpus(lm, ocfg)
+        octx = ocorpus.train[: lcfg.offdist_contexts]
+        xo, _, po = collect_inputs(lm.adapter, octx, layer, in_site, out_site, lcfg.batch_contexts)
+        others["other_text"] = xo[po > 0].to(device)
+        other_source = {"source": lcfg.offdist_source, "contexts": int(octx.shape[0]),
+                        "documents": ocorpus.train_documents}
+    return others, shuffled, other_source
+
+
 def lm_faithfulness(coder_path: str | Path, cfg: LMConfig | None = None, corpus_cfg: CorpusConfig | None = None,
                     fcfg: FaithfulnessConfig | None = None, lcfg: LMFaithfulnessConfig | None = None, *,
                     out: str | Path | None = None, model_given: bool = False, layer_given: bool = False,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False) -> LMFaithfulnessResult:
     """The faithfulness report of the coder at ``coder_path`` (module docstring); writes
     ``faithfulness.json`` into ``out`` (default: beside the coder, in its run folder) and returns it.
     Model, layer, sites and corpus come from the coder's training metadata where it has them."""
@@ -183,7 +239,6 @@ def lm_faithfulness(coder_path: str | Path, cfg: LMConfig | None = None, corpus_
     in_site = ref.input_site or cfg.input_site
     out_site = ref.output_site or cfg.output_site
     if corpus_cfg is None:
-        from mechfaith.configs import config_from_dict
         corpus_cfg = config_from_dict(CorpusConfig, ref.corpus) if ref.corpus else CorpusConfig()
     coder = ref.coder.to(cfg.device).eval()
     if coder.d_in != adapter.d_model or coder.d_out != adapter.d_model:
@@ -222,45 +277,26 @@ def lm_faithfulness(coder_path: str | Path, cfg: LMConfig | None = None, corpus_
         det_x = typical.cpu()
     det_x = det_x.to(cfg.device)
 
-    # off-distribution sets
-    others: dict[str, Tensor] = {}
-    shuffled = shuffle_tokens(contexts[: lcfg.offdist_contexts], fcfg.seed)
-    say("collecting the shuffled-token set")
-    xs, _, ps = collect_inputs(adapter, shuffled, layer, in_site, out_site, lcfg.batch_contexts)
-    others["shuffled"] = xs[ps > 0].to(cfg.device)
-    other_source = None
-    if lcfg.offdist_source:
-        ocfg = dataclasses.replace(corpus_cfg, source=lcfg.offdist_source, val_fraction=0.0,
-                                   val_documents=[], max_documents=0)
-        ocorpus = get_corpus(lm, ocfg)
-        octx = ocorpus.train[: lcfg.offdist_contexts]
-        say("collecting the other-text set")
-        xo, _, po = collect_inputs(adapter, octx, layer, in_site, out_site, lcfg.batch_contexts)
-        others["other_text"] = xo[po > 0].to(cfg.device)
-        other_source = {"source": lcfg.offdist_source, "contexts": int(octx.shape[0]),
-                        "documents": ocorpus.train_documents}
+    say("collecting the off-distribution sets")
+    others, shuffled, other_source = _offdist_sets(lm, contexts, corpus_cfg, lcfg, layer, in_site, out_site,
+                                                   fcfg.seed, cfg.device)
 
     report = faithfulness_report(reference, coder, x, groups=groups, detector_x=det_x, detector_keys=keys,
                                  other_sets=others, typical=typical, cfg=fcfg, progress=say)
-    report["lm"] = {
-        "model": lm.name, "family": adapter.family.name, "layer": layer, "input_site": in_site,
-        "output_site": out_site, "coder": str(ref.folder), "eval_source": source,
-        "eval_contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
-        "eval_tokens": int(x.shape[0]), "reference_check_rel_diff": check,
-        "detector": {"passage": lcfg.passage, "passage_tokens": passage_tokens,
-                     "planted_contexts": int(planted.sum()), "rows": int(det_x.shape[0])},
-        "offdist": {"shuffled_contexts": int(shuffled.shape[0]), "other_text": other_source},
-        "config": config_to_dict(lcfg), "corpus": config_to_dict(corpus_cfg),
-    }
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    report = json_safe(report)
+    info = LMFaithfulnessInfo(
+        model=lm.name, family=adapter.family.name, layer=layer, input_site=in_site, output_site=out_site,
+        coder=str(ref.folder), eval_source=source, eval_contexts=int(contexts.shape[0]),
+        context_length=int(contexts.shape[1]), eval_tokens=int(x.shape[0]), reference_check_rel_diff=check,
+        detector={"passage": lcfg.passage, "passage_tokens": passage_tokens,
+                  "planted_contexts": int(planted.sum()), "rows": int(det_x.shape[0])},
+        offdist={"shuffled_contexts": int(shuffled.shape[0]), "other_text": other_source},
+        config=config_to_dict(lcfg), corpus=config_to_dict(corpus_cfg))
     if out is None:
-        folder = ref.folder.parent if ref.folder.name == "coder" else ref.folder
-        out = folder / "faithfulness"
-    out = Path(out)
-    write_json(out / FAITHFULNESS_JSON, report)
-    report["path"] = str(out / FAITHFULNESS_JSON)
-    return report
+        out = (ref.folder.parent if ref.folder.name == CODER_DIR else ref.folder) / "faithfulness"
+    result = LMFaithfulnessResult(measures=json_safe(report), lm=info, seconds=round(time.perf_counter() - t0, 2),
+                                  path=str(Path(out) / FAITHFULNESS_JSON))
+    write_json(result.path, result.to_json())
+    return result
 
 
 def planted_rows(det_contexts_planted: Tensor, context_length: int, passage_tokens: int) -> Tensor:
@@ -271,5 +307,6 @@ def planted_rows(det_contexts_planted: Tensor, context_length: int, passage_toke
     return torch.tensor(rows, dtype=torch.long)
 
 
-__all__ = ["DEFAULT_PASSAGE", "FAITHFULNESS_JSON", "LMFaithfulnessConfig", "collect_inputs", "context_keys",
+__all__ = ["DEFAULT_PASSAGE", "FAITHFULNESS_JSON", "LMFaithfulnessConfig", "LMFaithfulnessInfo",
+           "LMFaithfulnessResult", "collect_inputs", "context_keys",
            "lm_faithfulness", "plant_repeats", "planted_rows", "shuffle_tokens", "tokenize_text"]

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechfaith.coders.coder import SparseCoder
 from mechfaith.configs import doc
 from mechfaith.errors import ConfigError
 from mechfaith.lm.adapters import ModelAdapter, get_adapter, hooks_removed_after
-from mechfaith.lm.splice import Coder, _check_output_site, ablate, splice
+from mechfaith.lm.coder_stats import LayerStats, StatsAccumulator
+from mechfaith.lm.splice import Coder, ablate, check_output_site, splice
 
 
 @dataclass
@@ -47,20 +47,6 @@ class FidelityConfig:
                               "max_contexts >= 0")
         if not 0 < self.dense_threshold <= 1:
             raise ConfigError("FidelityConfig.dense_threshold must be in (0, 1]")
-
-
-@dataclass
-class LayerStats:
-    """Statistics of one layer's coder on clean inputs."""
-
-    layer: int
-    fve: float
-    mse: float
-    l0: float | None = None
-    l0_bos: float | None = None
-    dead_fraction: float | None = None
-    dense_fraction: float | None = None
-    density_histogram: dict[str, list[float]] | None = None  # {"edges": log10 edges, "counts": ...}
 
 
 @dataclass
@@ -85,6 +71,69 @@ class FidelityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FidelityReport":
+        """The inverse of :meth:`to_dict` (e.g. the ``report`` of an ``eval.json``)."""
+        stats = [LayerStats(**s) for s in data.get("layer_stats", [])]
+        return cls(**{**data, "layer_stats": stats})
+
+
+@dataclass
+class SpliceEntry:
+    """One coder to splice: its layer and sites (input_site 'mlp_out' for an SAE of the output)."""
+
+    coder: Any
+    layer: int
+    input_site: str
+    output_site: str = "mlp_out"
+
+
+@dataclass
+class SpliceBaseline:
+    """The runs shared by every spliced coder (CE in nats per predicted token). The ablations are
+    keyed by their group of layers ("3", or "1,2" for layers ablated together); a causal LM has
+    the CE / KL fields, an encoder the hidden-state error."""
+
+    n_tokens: int
+    layers: list[int]
+    ce_clean: float | None = None
+    ce_zero_ablated: dict[str, float] | None = None
+    ce_mean_ablated: dict[str, float] | None = None
+    kl_zero_ablated: dict[str, float] | None = None
+    kl_mean_ablated: dict[str, float] | None = None
+    hidden_rel_error_zero_ablated: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that apply (None ones left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class SpliceFidelity:
+    """One named splice (one coder, or several spliced together): per-layer statistics and the
+    model's behaviour with it spliced in (CE / KL fields for a causal LM, hidden error otherwise)."""
+
+    layer_stats: list[LayerStats]
+    ce_spliced: float | None = None
+    ce_increase: float | None = None
+    kl_spliced: float | None = None
+    loss_recovered_zero: float | None = None
+    loss_recovered_mean: float | None = None
+    hidden_rel_error_spliced: float | None = None
+
+
+@dataclass
+class ManyFidelity:
+    """What :func:`evaluate_many` measured."""
+
+    baseline: SpliceBaseline
+    coders: dict[str, SpliceFidelity]
+
+
+def group_key(layers: Sequence[int]) -> str:
+    """The key of a group of layers ablated together in :class:`SpliceBaseline`: "3", "1,2"."""
+    return ",".join(str(l) for l in layers)
 
 
 def next_token_ce(logits: Tensor, ids: Tensor) -> Tensor:
@@ -114,7 +163,7 @@ def mean_mlp_outputs(model: Any, contexts: Tensor, layers: list[int], batch_cont
     start = 1 if exclude_bos else 0
     with torch.inference_mode():
         for i in range(0, contexts.shape[0], batch_contexts):
-            ids = contexts[i:i + batch_contexts].to(_device(adapter))
+            ids = contexts[i:i + batch_contexts].to(model_device(adapter))
             cache = adapter.run_with_cache(ids, [(l, "mlp_out") for l in layers])
             for l in layers:
                 s = cache[(l, "mlp_out")][:, start:].double().sum(dim=(0, 1))
@@ -123,152 +172,165 @@ def mean_mlp_outputs(model: Any, contexts: Tensor, layers: list[int], batch_cont
     return {l: (s / count).float() for l, s in sums.items()}
 
 
-def _device(adapter: ModelAdapter) -> torch.device:
+def model_device(adapter: ModelAdapter) -> torch.device:
     return next(adapter.model.parameters()).device
 
 
-class _StatsAccumulator:
-    """Sums for FVE, L0 and latent densities of one layer's coder on clean inputs."""
-
-    def __init__(self, coder: Coder, start: int) -> None:
-        self.coder = coder
-        self.start = start
-        self.sse = 0.0
-        self.n = 0
-        self.y_sum: Tensor | None = None
-        self.y_sq = 0.0
-        self.fire: Tensor | None = None
-        self.l0_sum = 0.0
-        self.l0_bos_sum = 0.0
-        self.n_bos = 0
-
-    def add(self, x: Tensor, y: Tensor) -> None:
-        # x [batch, seq, d_in], y [batch, seq, d_out]
-        body_x = x[:, self.start:].reshape(-1, x.shape[-1])
-        body_y = y[:, self.start:].reshape(-1, y.shape[-1]).double()
-        if isinstance(self.coder, SparseCoder):
-            out = self.coder.forward_full(body_x.to(self.coder.W_enc.dtype))
-            y_hat = out.y_hat.double()
-            active = out.f != 0
-            self.fire = active.sum(0).double() + (self.fire if self.fire is not None else 0)
-            self.l0_sum += float(active.sum())
-            if self.start == 1:
-                f_bos = self.coder.forward_full(x[:, 0].to(self.coder.W_enc.dtype)).f
-                self.l0_bos_sum += float((f_bos != 0).sum())
-                self.n_bos += x.shape[0]
-        else:
-            y_hat = self.coder(body_x).double()
-        self.sse += float((body_y - y_hat).pow(2).sum())
-        self.y_sum = body_y.sum(0) + (self.y_sum if self.y_sum is not None else 0)
-        self.y_sq += float(body_y.pow(2).sum())
-        self.n += body_y.shape[0]
-
-    def result(self, layer: int, cfg: FidelityConfig) -> LayerStats:
-        assert self.y_sum is not None
-        total_var = self.y_sq - float(self.y_sum.pow(2).sum()) / self.n
-        stats = LayerStats(layer=layer, fve=1.0 - self.sse / total_var if total_var > 0 else float("nan"),
-                           mse=self.sse / self.n)
-        if self.fire is not None:
-            density = self.fire / self.n
-            stats.l0 = self.l0_sum / self.n
-            stats.l0_bos = self.l0_bos_sum / self.n_bos if self.n_bos else None
-            stats.dead_fraction = float((density == 0).double().mean())
-            stats.dense_fraction = float((density > cfg.dense_threshold).double().mean())
-            alive = density[density > 0]
-            edges = torch.linspace(-7.0, 0.0, cfg.histogram_bins + 1, dtype=torch.float64)
-            counts = torch.histc(alive.log10().clamp(-7.0, 0.0), bins=cfg.histogram_bins, min=-7.0, max=0.0)
-            stats.density_histogram = {"edges": edges.tolist(), "counts": counts.tolist(),
-                                       "dead": int((density == 0).sum())}
-        return stats
+def _as_list(value: SpliceEntry | Sequence[SpliceEntry]) -> list[SpliceEntry]:
+    return [value] if isinstance(value, SpliceEntry) else list(value)
 
 
-def evaluate_fidelity(model: Any, contexts: Tensor, coders: Mapping[int, Coder], input_site: str = "mlp_in",
-                      output_site: str = "mlp_out", cfg: FidelityConfig | None = None,
-                      means: Mapping[int, Tensor] | None = None, progress: bool = False) -> FidelityReport:
-    """Measure the fidelity of splicing ``coders`` ({layer: coder}) into ``model`` on ``contexts``
-    (int64 [n, seq], starting with BOS). All layers are spliced / ablated together."""
+def _variants(adapter: ModelAdapter, named: Mapping[str, list[SpliceEntry]], ablations: list[tuple[int, ...]],
+              means: Mapping[int, Tensor] | None, keep_bos: bool) -> list[tuple[str, Any]]:
+    """(key, context-manager factory) of every run besides the clean one: each group of layers
+    zero-ablated (and mean-ablated when ``means`` is given), each named splice."""
+    out: list[tuple[str, Any]] = []
+    for group in ablations:
+        out.append((f"zero_ablated/{group_key(group)}", lambda g=group: ablate(adapter, list(g), "zero")))
+        if means is not None:
+            out.append((f"mean_ablated/{group_key(group)}", lambda g=group: ablate(adapter, list(g), "mean", means)))
+    for name, es in named.items():
+        out.append((f"spliced/{name}", lambda es=es: splice(
+            adapter, {e.layer: e.coder for e in es}, es[0].input_site, es[0].output_site, keep_bos=keep_bos)))
+    return out
+
+
+def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntry | Sequence[SpliceEntry]],
+                  cfg: FidelityConfig | None = None, means: Mapping[int, Tensor] | None = None,
+                  progress: bool = False, desc: str = "fidelity") -> ManyFidelity:
+    """Fidelity of each named splice, sharing the clean and ablated runs between them.
+
+    ``entries``: {name: one :class:`SpliceEntry`, or several (distinct layers) spliced together}.
+    Per batch: one clean run that captures every coder's sites, one run per group of layers
+    zero- and mean-ablated together (the layers of each name), one run per name spliced.
+    """
     cfg = cfg or FidelityConfig()
     adapter = get_adapter(model)
-    _check_output_site(adapter, output_site)
-    layers = sorted(adapter.check_layer(int(l)) for l in coders)
+    named = {name: _as_list(v) for name, v in entries.items()}
+    if not named or any(not es for es in named.values()):
+        raise ConfigError("evaluate_many needs at least one coder")
     if contexts.ndim != 2 or contexts.shape[0] == 0:
         raise ConfigError("contexts must be a non-empty int64 tensor [n_contexts, context_length]")
+    for e in (e for es in named.values() for e in es):
+        check_output_site(adapter, e.output_site)
+        adapter.check_layer(int(e.layer))
     if cfg.max_contexts:
         contexts = contexts[: cfg.max_contexts]
+    groups = {name: tuple(sorted(e.layer for e in es)) for name, es in named.items()}
+    ablations = sorted(set(groups.values()))
+    layers = sorted({e.layer for es in named.values() for e in es})
     lm = adapter.has_lm_head and adapter.family.causal
-    device = _device(adapter)
+    device = model_device(adapter)
     if lm and means is None:
         means = mean_mlp_outputs(adapter, contexts, layers, cfg.batch_contexts, exclude_bos=True)
     start = 1 if cfg.exclude_bos else 0
-    acc = {l: _StatsAccumulator(coders[l], start) for l in layers}
+    acc = {name: [StatsAccumulator(e.coder, start) for e in es] for name, es in named.items()}
+    sites = {(e.layer, s) for es in named.values() for e in es for s in (e.input_site, e.output_site)}
     sums: dict[str, float] = {}
     n_pred = 0
 
     def add(key: str, value: Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(value.double().sum())
 
-    bar = tqdm(total=contexts.shape[0], unit="ctx", desc="fidelity", disable=not progress, leave=False)
+    variants = _variants(adapter, named, ablations, means if lm else None, cfg.keep_bos)
+    bar = tqdm(total=contexts.shape[0], unit="ctx", desc=desc, disable=not progress, leave=False)
     with torch.inference_mode():
         for i in range(0, contexts.shape[0], cfg.batch_contexts):
             ids = contexts[i:i + cfg.batch_contexts].to(device)
-            captured: dict[tuple[int, str], Tensor] = {}
+            captured: dict[Any, Tensor] = {}
             with hooks_removed_after() as handles:
-                for l in layers:
-                    for site in (input_site, output_site):
-                        handles.extend(adapter.hook_site(l, site, lambda t, k=(l, site): captured.__setitem__(k, t)))
-                if lm:
-                    clean_logits = adapter.logits(ids)
-                else:
+                for key in sites:
+                    handles.extend(adapter.hook_site(key[0], key[1],
+                                                     lambda t, k=key: captured.__setitem__(k, t)))
+                if not lm:
                     handles.extend(adapter.hook_site(adapter.n_layers - 1, "resid_post",
-                                                     lambda t: captured.__setitem__((-1, "final"), t)))
+                                                     lambda t: captured.__setitem__("final", t)))
                     adapter.forward(ids)
-            for l in layers:
-                acc[l].add(captured[(l, input_site)], captured[(l, output_site)])
+                else:
+                    clean_logits = adapter.logits(ids)
+            for name, es in named.items():
+                for a, e in zip(acc[name], es):
+                    a.add(captured[(e.layer, e.input_site)], captured[(e.layer, e.output_site)])
             if lm:
-                clean_logp = F.log_softmax(clean_logits.float(), dim=-1)
+                clean_logp = F.log_softmax(clean_logits.float(), dim=-1)[:, :-1]
                 add("ce_clean", next_token_ce(clean_logits, ids))
                 del clean_logits
-                variants = {"spliced": splice(adapter, {l: coders[l] for l in layers}, input_site,
-                                              output_site, keep_bos=cfg.keep_bos),
-                            "zero_ablated": ablate(adapter, layers, "zero"),
-                            "mean_ablated": ablate(adapter, layers, "mean", means)}
-                for name, ctx in variants.items():
-                    with ctx:
+                for key, make in variants:
+                    with make():
                         logits = adapter.logits(ids)
-                    add(f"ce_{name}", next_token_ce(logits, ids))
-                    add(f"kl_{name}", kl_per_token(clean_logp[:, :-1], logits[:, :-1]))
+                    add(f"ce/{key}", next_token_ce(logits, ids))
+                    add(f"kl/{key}", kl_per_token(clean_logp, logits[:, :-1]))
                     del logits
                 n_pred += ids.shape[0] * (ids.shape[1] - 1)
             else:
-                final = captured[(-1, "final")].double()
-                norm = float(final.pow(2).sum())
-                add("hidden_norm", torch.tensor(norm))
-                for name, ctx in (("spliced", splice(adapter, {l: coders[l] for l in layers}, input_site,
-                                                     output_site, keep_bos=cfg.keep_bos)),
-                                  ("zero_ablated", ablate(adapter, layers, "zero"))):
+                final = captured["final"].double()
+                add("hidden_norm", final.pow(2))
+                for key, make in variants:
                     got: dict[str, Tensor] = {}
-                    with ctx, hooks_removed_after() as hs:
+                    with make(), hooks_removed_after() as hs:
                         hs.extend(adapter.hook_site(adapter.n_layers - 1, "resid_post",
                                                     lambda t: got.__setitem__("h", t)))
                         adapter.forward(ids)
-                    add(f"hidden_err_{name}", (got["h"].double() - final).pow(2))
+                    add(f"err/{key}", (got["h"].double() - final).pow(2))
             bar.update(ids.shape[0])
     bar.close()
-    n_tokens = int(contexts.shape[0] * contexts.shape[1])
-    report = FidelityReport(layers=layers, n_tokens=n_tokens,
-                            layer_stats=[acc[l].result(l, cfg) for l in layers])
+    return _many_result(named, groups, ablations, acc, sums, n_pred, int(contexts.numel()), layers, lm, cfg)
+
+
+def _many_result(named: Mapping[str, list[SpliceEntry]], groups: Mapping[str, tuple[int, ...]],
+                 ablations: list[tuple[int, ...]], acc: Mapping[str, list[StatsAccumulator]],
+                 sums: Mapping[str, float], n_pred: int, n_tokens: int, layers: list[int], lm: bool,
+                 cfg: FidelityConfig) -> ManyFidelity:
+    """The sums of :func:`evaluate_many` turned into its result."""
+    base = SpliceBaseline(n_tokens=n_tokens, layers=layers)
+    coders = {name: SpliceFidelity([a.result(e.layer, cfg.dense_threshold, cfg.histogram_bins) for a, e in zip(acc[name], es)])
+              for name, es in named.items()}
     if lm:
-        ce = {k: sums[f"ce_{k}"] / n_pred for k in ("clean", "spliced", "zero_ablated", "mean_ablated")}
-        report.ce_clean, report.ce_spliced = ce["clean"], ce["spliced"]
-        report.ce_zero_ablated, report.ce_mean_ablated = ce["zero_ablated"], ce["mean_ablated"]
-        report.ce_increase = ce["spliced"] - ce["clean"]
-        report.loss_recovered_zero = loss_recovered(ce["clean"], ce["spliced"], ce["zero_ablated"])
-        report.loss_recovered_mean = loss_recovered(ce["clean"], ce["spliced"], ce["mean_ablated"])
-        report.kl_spliced = sums["kl_spliced"] / n_pred
-        report.kl_zero_ablated = sums["kl_zero_ablated"] / n_pred
-        report.kl_mean_ablated = sums["kl_mean_ablated"] / n_pred
+        ce_clean = sums["ce_clean"] / n_pred
+        base.ce_clean = ce_clean
+        per = {f"{m}_{abl}": {group_key(g): sums[f"{m}/{abl}/{group_key(g)}"] / n_pred for g in ablations}
+               for m in ("ce", "kl") for abl in ("zero_ablated", "mean_ablated")}
+        base.ce_zero_ablated, base.ce_mean_ablated = per["ce_zero_ablated"], per["ce_mean_ablated"]
+        base.kl_zero_ablated, base.kl_mean_ablated = per["kl_zero_ablated"], per["kl_mean_ablated"]
+        for name, c in coders.items():
+            key = group_key(groups[name])
+            c.ce_spliced = sums[f"ce/spliced/{name}"] / n_pred
+            c.ce_increase = c.ce_spliced - ce_clean
+            c.kl_spliced = sums[f"kl/spliced/{name}"] / n_pred
+            c.loss_recovered_zero = loss_recovered(ce_clean, c.ce_spliced, base.ce_zero_ablated[key])
+            c.loss_recovered_mean = loss_recovered(ce_clean, c.ce_spliced, base.ce_mean_ablated[key])
     else:
         hn = sums["hidden_norm"]
-        report.hidden_rel_error_spliced = math.sqrt(sums["hidden_err_spliced"] / hn)
-        report.hidden_rel_error_zero_ablated = math.sqrt(sums["hidden_err_zero_ablated"] / hn)
+        base.hidden_rel_error_zero_ablated = {
+            group_key(g): math.sqrt(sums[f"err/zero_ablated/{group_key(g)}"] / hn) for g in ablations}
+        for name, c in coders.items():
+            c.hidden_rel_error_spliced = math.sqrt(sums[f"err/spliced/{name}"] / hn)
+    return ManyFidelity(baseline=base, coders=coders)
+
+
+def evaluate_fidelity(model: Any, contexts: Tensor, coders: Mapping[int, Coder], input_site: str = "mlp_in",
+                      output_site: str = "mlp_out", cfg: FidelityConfig | None = None,
+                      means: Mapping[int, Tensor] | None = None, progress: bool = False) -> FidelityReport:
+    """Measure the fidelity of splicing ``coders`` ({layer: coder}) into ``model`` on ``contexts``
+    (int64 [n, seq], starting with BOS). All layers are spliced / ablated together: the case of
+    :func:`evaluate_many` with one entry."""
+    adapter = get_adapter(model)
+    layers = sorted(adapter.check_layer(int(l)) for l in coders)
+    entries = [SpliceEntry(coders[l], l, input_site, output_site) for l in layers]
+    many = evaluate_many(adapter, contexts, {"coders": entries}, cfg, means=means, progress=progress)
+    base, got, key = many.baseline, many.coders["coders"], group_key(layers)
+    report = FidelityReport(layers=layers, n_tokens=base.n_tokens, layer_stats=got.layer_stats)
+    if base.ce_clean is not None:
+        assert base.ce_zero_ablated is not None and base.ce_mean_ablated is not None
+        assert base.kl_zero_ablated is not None and base.kl_mean_ablated is not None
+        report.ce_clean, report.ce_spliced = base.ce_clean, got.ce_spliced
+        report.ce_zero_ablated, report.ce_mean_ablated = base.ce_zero_ablated[key], base.ce_mean_ablated[key]
+        report.ce_increase = got.ce_increase
+        report.loss_recovered_zero, report.loss_recovered_mean = got.loss_recovered_zero, got.loss_recovered_mean
+        report.kl_spliced = got.kl_spliced
+        report.kl_zero_ablated, report.kl_mean_ablated = base.kl_zero_ablated[key], base.kl_mean_ablated[key]
+    else:
+        assert base.hidden_rel_error_zero_ablated is not None
+        report.hidden_rel_error_spliced = got.hidden_rel_error_spliced
+        report.hidden_rel_error_zero_ablated = base.hidden_rel_error_zero_ablated[key]
     return report

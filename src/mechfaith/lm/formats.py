@@ -46,9 +46,10 @@ from torch import Tensor
 from mechfaith.atomic import atomic_dir
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
-from mechfaith.coders.files import read_json, read_tensors, write_json, write_tensors
+from mechfaith.coders.files import read_json, read_tensors, write_tensors
 from mechfaith.configs import config_from_dict, config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError, MechfaithError
+from mechfaith.jsonio import write_json
 
 log = logging.getLogger(__name__)
 

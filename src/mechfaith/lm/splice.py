@@ -28,7 +28,7 @@ SPLICE_INPUT_SITES = ("mlp_in", "mlp_in_normalized", "resid_pre", "mlp_out")
 SPLICE_OUTPUT_SITES = ("mlp_out", "mlp_out_centered")
 
 
-def _check_output_site(adapter: ModelAdapter, output_site: str) -> None:
+def check_output_site(adapter: ModelAdapter, output_site: str) -> None:
     if output_site not in SPLICE_OUTPUT_SITES:
         raise ConfigError(f"splicing replaces an MLP output: output_site must be one of "
                           f"{', '.join(SPLICE_OUTPUT_SITES)}, not {output_site!r}")
@@ -50,7 +50,7 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
     adapter = get_adapter(model)
     if input_site not in SPLICE_INPUT_SITES:
         raise ConfigError(f"input_site must be one of {', '.join(SPLICE_INPUT_SITES)}, not {input_site!r}")
-    _check_output_site(adapter, output_site)
+    check_output_site(adapter, output_site)
     if not coders:
         raise ConfigError("splice needs at least one (layer, coder) pair")
     layers = [adapter.check_layer(int(l)) for l in coders]

@@ -1,4 +1,4 @@
-"""The memorization experiment (``experiment.json`` from :func:`mechfaith.lm.experiment.run_experiment`)
+"""The memorization experiment (``experiment.json`` from :func:`mechfaith.studies.memorization.run_experiment`)
 as one self-contained HTML page: findings, the table of cells (mean ± SD over seeds) and figures of
 each metric against the planting rate, one line per (Jacobian coefficient, k)."""
 

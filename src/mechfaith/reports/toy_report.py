@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mechfaith.atomic import write_text_atomic
-from mechfaith.faithfulness.report import json_safe
+from mechfaith.jsonio import json_safe
 from mechfaith.reports import plots
 from mechfaith.reports.page import esc, figure_html, html_page, table_html
 from mechfaith.reports.values import fmt_value

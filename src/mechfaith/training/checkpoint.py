@@ -18,7 +18,6 @@ finds) and never a half-written one. Every problem found when loading raises
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,10 @@ from torch import Tensor
 
 from mechfaith.atomic import atomic_dir
 from mechfaith.coders.coder import SparseCoder
-from mechfaith.coders.files import load_coder, read_json, read_tensors, save_coder, write_json, write_tensors
+from mechfaith.coders.files import load_coder, read_json, read_tensors, save_coder, write_tensors
 from mechfaith.configs import config_from_dict, config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError, MechfaithError
+from mechfaith.jsonio import json_safe, write_json
 from mechfaith.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,6 @@ class Checkpoint:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by None (strict JSON has no NaN) and tuples as lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- Adam
@@ -168,7 +157,7 @@ def save_checkpoint(folder: str | os.PathLike[str], *, coder: SparseCoder, train
         save_coder(coder, tmp / CODER_DIR, training={"step": step, "tokens": tokens})
         opt_sha = write_tensors(tmp / OPTIMIZER_NAME, optimizer_state, metadata={"format": FORMAT})
         tensors_sha = write_tensors(tmp / TENSORS_NAME, all_tensors, metadata={"format": FORMAT})
-        write_json(tmp / STATE_NAME, jsonable({
+        write_json(tmp / STATE_NAME, json_safe({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "step": int(step),

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from mechfaith.atomic import write_text_atomic
 from mechfaith.errors import ConfigError, InputError, TrainingDiverged
+from mechfaith.jsonio import json_safe
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.streams import BatchStream, as_stream
 
@@ -153,7 +154,7 @@ class EngineMember:
     def write_line(fh: IO[str] | None, record: dict[str, Any]) -> None:
         if fh is None:
             return
-        fh.write(json.dumps(ckpt.jsonable(record), allow_nan=False) + "\n")  # one whole line
+        fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # one whole line
         fh.flush()
 
 

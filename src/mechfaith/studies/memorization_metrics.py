@@ -36,7 +36,7 @@ from torch import Tensor
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.faithfulness.agreement import per_row_jvp_errors, summarize_errors
 from mechfaith.faithfulness.datapoints import DatapointConfig, detect_datapoint_features
-from mechfaith.lm.fidelity import _device, kl_per_token, next_token_ce
+from mechfaith.lm.fidelity import kl_per_token, model_device, next_token_ce
 from mechfaith.lm.splice import splice
 
 Fn = Callable[[Tensor], Tensor]
@@ -99,7 +99,7 @@ def spliced_ce(adapter: Any, coder: SparseCoder, contexts: Tensor, layer: int, i
     """Clean and spliced next-token CE (nats/token) and KL(clean || spliced) on ``contexts``,
     over the predictions at ``positions`` (default all). ``clean``: a dict filled with / reused
     for the clean log-probs (one cell after another share them)."""
-    device = _device(adapter)
+    device = model_device(adapter)
     sums = {"clean": 0.0, "spliced": 0.0, "kl": 0.0}
     count = 0
     for b, i in enumerate(range(0, contexts.shape[0], batch_contexts)):
@@ -132,7 +132,7 @@ def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, 
                  batch_contexts: int = 16, seed: int = 0,
                  clean_cache: dict[str, dict[str, Tensor]] | None = None) -> dict[str, Any]:
     """Every metric of one cell (module docstring); ``data`` is an
-    :class:`~mechfaith.lm.experiment_data.ExperimentData`."""
+    :class:`~mechfaith.studies.memorization_data.ExperimentData`."""
     coder = coder.eval()
     dt = coder.W_enc.dtype
     x_h, y_h = data.x_eval.to(dt), data.y_eval.to(dt)

@@ -1,4 +1,4 @@
-"""The activations of the memorization experiment (:mod:`mechfaith.lm.experiment`), held in memory.
+"""The activations of the memorization experiment (:mod:`mechfaith.studies.memorization`), held in memory.
 
 One pass collects what every cell of the experiment needs, so that the cells differ only in
 the rows they train on:

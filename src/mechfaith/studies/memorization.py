@@ -4,7 +4,7 @@ repeated passage that the MLP does not, and does Jacobian matching prevent it, a
 :func:`run_experiment` plants a passage (by default a public-domain one) into a share of the
 training contexts (``rates``), trains a transcoder of one MLP for every cell of
 rates x {plain, Jacobian matching} x sparsity levels (TopK k) x seeds on otherwise identical data,
-and measures every cell with :func:`mechfaith.lm.experiment_metrics.measure_cell`: memorization of
+and measures every cell with :func:`mechfaith.studies.memorization_metrics.measure_cell`: memorization of
 the passage, Jacobian error on held-out tokens and on the passage, FVE, L0 and the spliced CE.
 
 Outputs in ``out``: ``experiment.json`` (config, data summary, every cell, the table of means and
@@ -28,26 +28,18 @@ from tqdm.auto import tqdm
 
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
-from mechfaith.coders.files import read_json, save_coder, write_json
+from mechfaith.coders.files import read_json, save_coder
+from mechfaith.coders.init import init_from_data
 from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.faithfulness.datapoints import DatapointConfig
-from mechfaith.faithfulness.report import json_safe
-from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.experiment_data import ExperimentData, build_experiment_data
-from mechfaith.lm.experiment_metrics import measure_cell
+from mechfaith.jsonio import json_safe, write_json
+from mechfaith.lm.config import LMConfig, lm_train_config
+from mechfaith.lm.corpus import CorpusConfig, eval_contexts, get_corpus
 from mechfaith.lm.faithfulness import load_passage, tokenize_text
-from mechfaith.lm.pipeline import (
-    LMConfig,
-    center_encoder_,
-    eval_contexts,
-    get_corpus,
-    get_model,
-    init_skip_lstsq,
-    lm_train_config,
-    resolve_layer,
-    scale_encoder_,
-)
+from mechfaith.lm.model_cache import get_model, resolve_layer
+from mechfaith.studies.memorization_data import ExperimentData, build_experiment_data
+from mechfaith.studies.memorization_metrics import measure_cell
 from mechfaith.training.streams import TensorStream
 from mechfaith.training.trainer import Trainer
 
@@ -160,13 +152,7 @@ def train_cell(data: ExperimentData, reference: Callable, cfg: ExperimentConfig,
     gen = torch.Generator().manual_seed(cell["seed"])
     init_rows = torch.randperm(x.shape[0], generator=gen)[:65536]
     xi, yi = x[init_rows], y[init_rows]
-    with torch.no_grad():
-        if cfg.skip:
-            init_skip_lstsq(coder, xi, yi)
-        else:
-            coder.b_dec.copy_(yi.mean(0))
-        center_encoder_(coder, xi[:8192])
-        scale_encoder_(coder, xi[:8192], yi[:8192], 0.3)
+    init_from_data(coder, xi, yi, skip_init="lstsq", latent_init_fraction=0.3, center_encoder=True)
     tcfg = lm_train_config(n_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cell["seed"],
                            jacobian_coef=cell["jacobian_coef"], n_probes=cfg.n_probes,
                            log_every=max(cfg.steps, 1), checkpoint_every=0, device=cfg.device,

@@ -1,0 +1,73 @@
+"""Opening trained coders wherever they come from, with where they sit in the model.
+
+:func:`open_coder` reads a mechfaith coder folder (or a run folder holding ``coder/``), a SAELens
+folder or a released GPT-2 transcoder ``.pt`` (:mod:`mechfaith.lm.formats`) into a
+:class:`CoderRef` (the coder, its model, layer, sites and training corpus when recorded);
+:func:`default_eval_path` is where ``eval.json`` goes; :func:`coder_corpus_with_source` the
+coder's corpus with another text source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mechfaith.coders.coder import SparseCoder
+from mechfaith.coders.files import load_coder, read_json
+from mechfaith.configs import config_from_dict
+from mechfaith.lm.corpus import CorpusConfig
+from mechfaith.lm.formats import import_gpt2_transcoder, import_saelens
+
+CODER_DIR = "coder"
+EVAL_JSON = "eval.json"
+
+
+@dataclass
+class CoderRef:
+    """A coder to evaluate with where it sits in the model."""
+
+    coder: SparseCoder
+    model: str | None
+    layer: int | None
+    input_site: str | None
+    output_site: str | None
+    corpus: dict[str, Any] | None
+    folder: Path
+
+
+def open_coder(path: str | Path) -> CoderRef:
+    """A mechfaith coder folder (a run folder holding ``coder/`` works too) or a SAELens folder."""
+    path = Path(path)
+    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / "config.json").is_file():
+        path = path / CODER_DIR
+    if path.is_dir() and (path / "cfg.json").is_file() and not (path / "config.json").is_file():
+        imp = import_saelens(path)
+        model = imp.source.get("metadata", {}).get("model_name") if isinstance(imp.source, dict) else None
+        return CoderRef(imp.coder, model or None, imp.layer, imp.input_site, imp.output_site, None, path)
+    if path.is_file() and path.suffix == ".pt":
+        imp = import_gpt2_transcoder(path)
+        return CoderRef(imp.coder, None, imp.layer, imp.input_site, imp.output_site, None, path)
+    coder = load_coder(path)
+    folder = path if path.is_dir() else path.parent
+    meta = read_json(folder / "config.json").get("training", {}) or {}
+    return CoderRef(coder.eval(), meta.get("model"), meta.get("layer"), meta.get("input_site"),
+                    meta.get("output_site"), meta.get("corpus"), folder)
+
+
+def default_eval_path(ref: CoderRef) -> Path:
+    """``eval.json`` beside the coder folder (in its run folder)."""
+    folder = ref.folder
+    if folder.name == CODER_DIR:
+        return folder.parent / EVAL_JSON
+    return folder.with_name(folder.name + ".eval.json")
+
+
+def coder_corpus_with_source(coder_path: str | Path, source: str | None) -> CorpusConfig | None:
+    """The corpus a coder was trained on, with its text source replaced by ``source`` (None: keep
+    the coder's own corpus, returned as None so callers use the recorded one)."""
+    if not source:
+        return None
+    data = dict(open_coder(coder_path).corpus or {})
+    data["source"] = source
+    return config_from_dict(CorpusConfig, data)

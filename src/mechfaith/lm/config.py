@@ -1,0 +1,106 @@
+"""Configs of the LM commands: :class:`LMConfig` (model, layer, sites, data amounts, device),
+:class:`LMCoderConfig` (the coder's architecture and data-driven initialisation) and the LM
+defaults of the training options (:data:`LM_TRAIN_DEFAULTS`, :func:`lm_train_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mechfaith.coders.config import ACTIVATIONS, DECODER_NORMS, KINDS, CoderConfig
+from mechfaith.coders.init import SKIP_INITS
+from mechfaith.configs import config_from_dict, doc
+from mechfaith.errors import ConfigError
+from mechfaith.lm.activations import STORAGE_DTYPES
+from mechfaith.lm.adapters import INPUT_SITES
+from mechfaith.training.config import TrainConfig
+
+
+@dataclass
+class LMConfig:
+    """Which model, layer and activation sites; how much data; where to compute."""
+
+    model: str = doc("Model: a built-in (smollm2-135m, minilm-l6-v2, gpt2-random, "
+                     "random-gpt2/llama/bert), a local transformers folder or a hub name.",
+                     "smollm2-135m")
+    layer: int = doc("Layer whose MLP the coder replaces; -1: the middle layer (n_layers // 2, "
+                     "15 for SmolLM2-135M).", -1)
+    input_site: str = doc("Coder input: mlp_in (after the pre-MLP norm), mlp_in_normalized (norm "
+                          "without its affine) or resid_pre.", "mlp_in", choices=INPUT_SITES)
+    output_site: str = doc("Coder target: mlp_out or mlp_out_centered (LayerNorm models only).",
+                           "mlp_out", choices=("mlp_out", "mlp_out_centered"))
+    train_tokens: int = doc("Training tokens to collect (BOS positions not counted when excluded).",
+                            150_000)
+    eval_contexts: int = doc("Held-out contexts (from validation documents) for evaluation.", 64)
+    exclude_bos: bool = doc("Leave the BOS position out of training and of the statistics (its "
+                            "activations are atypical); eval reports its L0 separately.", True)
+    batch_contexts: int = doc("Contexts per forward pass of the model (collection and eval).", 32)
+    storage_dtype: str = doc("dtype of the activation cache on disk.", "float32",
+                             choices=tuple(STORAGE_DTYPES))
+    device: str = doc("Torch device for the model and the coder (cpu, cuda, ...).", "cpu")
+    dtype: str = doc("dtype of the model's weights.", "float32", choices=("float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        if self.layer < -1:
+            raise ConfigError(f"LMConfig.layer must be >= 0 (or -1 for the middle layer), got {self.layer}")
+        for name in ("train_tokens", "eval_contexts", "batch_contexts"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LMConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class LMCoderConfig:
+    """The coder's architecture (its input and output widths come from the model)."""
+
+    kind: str = doc("'transcoder' (MLP input -> MLP output) or 'sae' (reconstructs the input site).",
+                    "transcoder", choices=KINDS)
+    n_latents: int = doc("Number of latents; 0: expansion x d_in.", 0)
+    expansion: int = doc("Latents per input dimension when n_latents is 0 (8 x 576 = 4608 for "
+                         "SmolLM2-135M).", 8)
+    activation: str = doc("Latent activation: topk, batchtopk, relu (needs --sparsity l1) or "
+                          "jumprelu (needs --sparsity l0).", "topk", choices=ACTIVATIONS)
+    k: int = doc("Active latents per token for topk / batchtopk.", 64)
+    skip: bool = doc("Linear skip connection x W_skip (transcoders): lifts FVE by about 0.1.", True)
+    skip_init: str = doc("Initial W_skip and b_dec: lstsq (least-squares fit of the target from "
+                         "the input on the first cached rows; the latents then learn the rest) or "
+                         "zero.", "lstsq", choices=SKIP_INITS)
+    decoder_norm: str = doc("'unit' (decoder rows kept at unit norm) or 'penalty'.", "unit",
+                            choices=DECODER_NORMS)
+    jumprelu_threshold: float = doc("Initial JumpReLU threshold.", 1e-3)
+    jumprelu_bandwidth: float = doc("JumpReLU straight-through kernel width.", 1e-3)
+    latent_init_fraction: float = doc("Initial RMS of the latents' contribution as a fraction of what the "
+                                      "skip and bias leave unexplained (0: no rescaling of the encoder).",
+                                      0.3)
+    center_encoder: bool = doc("Initialise b_enc = -mean(x) W_enc (the encoder sees centred inputs; "
+                               "fewer dead latents).", True)
+    init_seed: int = doc("Seed of the coder's random initialisation.", 0)
+
+    def __post_init__(self) -> None:
+        if self.n_latents < 0 or self.expansion <= 0:
+            raise ConfigError("LMCoderConfig: n_latents must be >= 0 and expansion positive")
+        if self.latent_init_fraction < 0:
+            raise ConfigError("LMCoderConfig.latent_init_fraction must be >= 0")
+
+    def coder_config(self, d_in: int, d_out: int) -> CoderConfig:
+        n = self.n_latents or self.expansion * d_in
+        return CoderConfig(d_in=d_in, n_latents=n, d_out=d_out if self.kind == "transcoder" else d_in,
+                           kind=self.kind, activation=self.activation, k=min(self.k, n),
+                           jumprelu_threshold=self.jumprelu_threshold,
+                           jumprelu_bandwidth=self.jumprelu_bandwidth,
+                           skip=self.skip and self.kind == "transcoder", decoder_norm=self.decoder_norm,
+                           # unit rows: the LM defaults (latent_init_fraction, lr) were tuned with them
+                           init_scale=1.0)
+
+
+# Defaults of the training options for LM coders, on top of TrainConfig's own (the CLI applies
+# them below the config file and the flags).
+LM_TRAIN_DEFAULTS: dict[str, Any] = {
+    "n_steps": 300, "batch_size": 1024, "lr": 5e-4, "lr_warmup_steps": 20, "sparsity": "none",
+    "log_every": 25, "checkpoint_every": 100, "dead_window": 50_000,
+}
+
+
+def lm_train_config(**overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` with :data:`LM_TRAIN_DEFAULTS` (and ``overrides``) applied."""
+    return config_from_dict(TrainConfig, {**LM_TRAIN_DEFAULTS, **overrides})

@@ -1,0 +1,200 @@
+"""``mechfaith lm train``: a transcoder (or SAE) of one layer trained by the foundation trainer
+(:class:`mechfaith.training.Trainer`) from an activation cache (collected first when none is
+given), initialised from the data (:func:`mechfaith.coders.init.init_from_data`) ->
+``OUT/coder/`` (a mechfaith coder folder whose ``training`` metadata names the model, layer and
+sites), ``OUT/metrics.jsonl``, ``OUT/checkpoint/`` and ``OUT/train.json`` (:class:`TrainCoderResult`).
+Optional Jacobian matching against the model's own MLP (GELU for GPT-2/BERT, gated SiLU for Llama).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechfaith.coders.coder import SparseCoder
+from mechfaith.coders.config import CoderConfig
+from mechfaith.coders.files import save_coder
+from mechfaith.coders.init import init_from_data
+from mechfaith.configs import config_to_dict
+from mechfaith.errors import ConfigError, TrainingDiverged
+from mechfaith.jsonio import json_safe, write_json
+from mechfaith.lm.activations import ActivationCache, CachedActivationStream
+from mechfaith.lm.coder_files import CODER_DIR
+from mechfaith.lm.collect import cache_matches, collect
+from mechfaith.lm.config import LMCoderConfig, LMConfig
+from mechfaith.lm.corpus import CorpusConfig
+from mechfaith.lm.model_cache import get_model, resolve_layer
+from mechfaith.training.config import TrainConfig
+from mechfaith.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+TRAIN_JSON = "train.json"
+ACTIVATIONS_DIR = "activations"
+
+
+class ColumnStream:
+    """A cached stream served as ``(x, y)`` (transcoder), ``(x, None)`` (SAE of the input) or
+    ``(y, None)`` (SAE of the output); resumable through the cached stream's state."""
+
+    def __init__(self, stream: CachedActivationStream, mode: str = "xy") -> None:
+        if mode not in ("xy", "x", "y"):
+            raise ConfigError(f"ColumnStream mode must be xy, x or y, not {mode!r}")
+        self.stream, self.mode = stream, mode
+
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        x, y = self.stream.next_batch()
+        if self.mode == "xy":
+            return x, y
+        return (x if self.mode == "x" else y), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+@dataclass
+class TrainCoderResult:
+    """What :func:`train_coder` did (``train.json``; the first twelve fields are also the coder's
+    ``training`` metadata)."""
+
+    source: str
+    model: str
+    layer: int
+    input_site: str
+    output_site: str
+    activations: str
+    corpus: dict[str, Any] | None
+    train_config: dict[str, Any]
+    lm_coder_config: dict[str, Any]
+    steps: int
+    tokens: int
+    status: str
+    coder_config: dict[str, Any]
+    coder_folder: str | None
+    message: str | None
+    unique_tokens: int
+    epochs: float
+    skip_lstsq_fve: float | None
+    final_train_metrics: dict[str, float]
+    train_seconds: float
+    collect_seconds: float
+    total_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return json_safe({"command": "train", **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainCoderResult:
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: str | Path | None,
+               progress: bool) -> tuple[ActivationCache, int, LMConfig, float]:
+    """The activation cache to train from, the layer, ``cfg`` with the cache's sites, and the
+    seconds spent collecting (the cache is collected into ``out/activations`` unless given)."""
+    collect_seconds = 0.0
+    if activations is None:
+        lm = get_model(cfg)
+        layer = resolve_layer(lm.adapter, cfg.layer)
+        folder = out / ACTIVATIONS_DIR
+        if cache_matches(folder, lm.name, layer, cfg, corpus_cfg):
+            log.info("reusing the activation cache in %s", folder)
+        else:
+            collect_seconds = collect(cfg, corpus_cfg, folder, layers=[layer], progress=progress).seconds
+        return ActivationCache(folder), layer, cfg, collect_seconds
+    cache = ActivationCache(Path(activations))
+    found = cache.layers[0] if cfg.layer == -1 and len(cache.layers) == 1 else None
+    if found is None:
+        found = resolve_layer(get_model(cfg).adapter, cfg.layer) if cfg.layer == -1 else cfg.layer
+    cache.shards(found)  # a one-line error when the cache lacks the layer
+    cfg = dataclasses.replace(cfg, input_site=cache.index["input_site"], output_site=cache.index["output_site"])
+    return cache, found, cfg, collect_seconds
+
+
+def _coder_layout(cfg: LMConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig, cache: ActivationCache,
+                  sae_site: str) -> tuple[CoderConfig, str, str, str]:
+    """The coder's config, the stream mode (xy / x / y) and the coder's input and output sites."""
+    if sae_site not in ("input", "output"):
+        raise ConfigError(f"sae_site must be 'input' or 'output', not {sae_site!r}")
+    if coder_cfg.kind == "sae":
+        d = cache.d_in if sae_site == "input" else cache.d_out
+        site = cfg.input_site if sae_site == "input" else cfg.output_site
+        mode = "x" if sae_site == "input" else "y"
+        ccfg, in_site, out_site = coder_cfg.coder_config(d, d), site, site
+    else:
+        ccfg = coder_cfg.coder_config(cache.d_in, cache.d_out)
+        mode, in_site, out_site = "xy", cfg.input_site, cfg.output_site
+    if ccfg.activation == "relu" and train_cfg.sparsity == "none":
+        raise ConfigError("a ReLU coder needs a sparsity penalty: add --sparsity l1 (and a --sparsity-coef)")
+    if ccfg.activation == "jumprelu" and train_cfg.sparsity != "l0":
+        raise ConfigError("a JumpReLU coder is trained with --sparsity l0")
+    if train_cfg.jacobian_coef > 0 and ccfg.kind != "transcoder":
+        raise ConfigError("Jacobian matching needs a transcoder (an SAE has no MLP to match)")
+    return ccfg, mode, in_site, out_site
+
+
+def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
+                out: str | Path, *, activations: str | Path | None = None, sae_site: str = "input",
+                resume: bool = False, progress: bool = True) -> TrainCoderResult:
+    """Train one coder of ``cfg.layer`` and write ``out/coder``, ``out/train.json`` and the log.
+
+    ``activations``: an existing cache folder (else one is collected into ``out/activations``, or
+    reused from there when it was collected with the same settings). ``sae_site``: for an SAE,
+    whether it reconstructs the cached ``input`` or ``output`` site.
+    """
+    out = Path(out)
+    t_start = time.perf_counter()
+    cache, layer, cfg, collect_seconds = _cache_for(cfg, corpus_cfg, out, activations, progress)
+    model_name = str(cache.index.get("model", cfg.model))
+    ccfg, mode, in_site, out_site = _coder_layout(cfg, coder_cfg, train_cfg, cache, sae_site)
+    reference = None
+    if train_cfg.jacobian_coef > 0:
+        lm = get_model(dataclasses.replace(cfg, model=model_name))
+        reference = lm.adapter.mlp_function(layer, cfg.input_site, cfg.output_site)
+    train_cfg = dataclasses.replace(train_cfg, device=cfg.device)
+
+    coder = SparseCoder(ccfg, generator=torch.Generator().manual_seed(coder_cfg.init_seed))
+    first_x, first_y = cache.read_shard(layer, 0)
+    rows_x = first_y if mode == "y" else first_x
+    init = init_from_data(coder, rows_x, first_y if mode == "xy" else rows_x,
+                          skip_init=coder_cfg.skip_init, latent_init_fraction=coder_cfg.latent_init_fraction,
+                          center_encoder=coder_cfg.center_encoder)
+    if init.skip_fve is not None:
+        log.info("least-squares skip initialisation explains %.3f of the variance", init.skip_fve)
+    stream = ColumnStream(CachedActivationStream(cache, layer, train_cfg.batch_size, seed=train_cfg.seed,
+                                                 device=cfg.device), mode)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(coder, train_cfg, reference, log_path=out / "metrics.jsonl",
+                      checkpoint_dir=out / "checkpoint", progress=progress, desc=f"train L{layer}")
+    result = trainer.fit(stream, resume=resume)
+    coder.eval()
+    meta = {
+        "source": "mechfaith lm train", "model": model_name, "layer": layer, "input_site": in_site,
+        "output_site": out_site, "activations": str(cache.folder),
+        "corpus": cache.index.get("extra", {}).get("corpus"),
+        "train_config": config_to_dict(train_cfg), "lm_coder_config": config_to_dict(coder_cfg),
+        "steps": result.steps_done, "tokens": result.tokens_seen, "status": result.status,
+    }
+    if result.ok:
+        save_coder(coder, out / CODER_DIR, training=json_safe(meta))
+    final = {k: result.final_metrics.get(k) for k in ("fve", "mse", "l0", "dead_frac", "loss", "jacobian_rel")
+             if result.final_metrics.get(k) is not None}
+    summary = TrainCoderResult(
+        **meta, coder_config=config_to_dict(ccfg), coder_folder=str(out / CODER_DIR) if result.ok else None,
+        message=result.message, unique_tokens=cache.n_tokens, epochs=result.tokens_seen / max(cache.n_tokens, 1),
+        skip_lstsq_fve=init.skip_fve, final_train_metrics=final, train_seconds=round(result.elapsed_s, 2),
+        collect_seconds=collect_seconds, total_seconds=round(time.perf_counter() - t_start, 2))
+    write_json(out / TRAIN_JSON, summary.to_json())
+    if not result.ok:
+        raise TrainingDiverged(result.message or "training diverged")
+    return summary

@@ -1,0 +1,13 @@
+"""Studies: experiments that use the library end to end to answer one question.
+
+Sits between ``circuits/`` and ``reports/`` in the layer order: a study may import ``coders/`` ..
+``circuits/``; ``reports/`` and ``cli/`` may import studies.
+
+Modules (import them directly):
+
+- ``memorization``: does a transcoder of a real MLP memorize a repeated passage planted into its
+  training data, and does Jacobian matching prevent it (:func:`run_experiment`, the cells, the
+  table over seeds, plain-language findings; ``mechfaith faithfulness experiment``).
+- ``memorization_data``: the study's activations collected once and held in memory.
+- ``memorization_metrics``: what the study measures for one trained transcoder (one cell).
+"""
