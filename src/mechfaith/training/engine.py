@@ -310,14 +310,7 @@ class Engine:
                     status, message = "diverged", str(exc)
                     break
                 bar.update(1)
-                now = time.perf_counter() - t0
-                for m, fh, rec, base in zip(members, handles, records, base_elapsed):
-                    m.elapsed_s = base + now
-                    if "mse" in rec:
-                        rec["elapsed"] = round(m.elapsed_s, 3)
-                        rec["event"] = "train"
-                        m.metrics_history.append(rec)
-                        m.write_line(fh, rec)
+                self._record(records, handles, base_elapsed, time.perf_counter() - t0)
                 if "mse" in records[0]:
                     if on_log is not None:
                         on_log(records[0])
@@ -349,11 +342,22 @@ class Engine:
             for fh in handles:
                 if fh is not None:
                     fh.close()
-        results = []
-        for m in members:
-            final = next((r for r in reversed(m.metrics_history) if r.get("event", "train") == "train"), {})
-            results.append(TrainResult(status=status, steps_done=m.step_count, tokens_seen=m.tokens_seen,
-                                       final_metrics=dict(final), message=message, elapsed_s=m.elapsed_s,
-                                       stream_exhausted=exhausted, checkpoint_dir=m.checkpoint_dir,
-                                       log_path=m.log_path))
-        return results
+        return [self._result(m, status, message, exhausted) for m in members]
+
+    def _record(self, records: list[dict[str, Any]], handles: list[IO[str] | None], base_elapsed: list[float],
+                now: float) -> None:
+        """Time-stamp, keep and write the log records of one step (log steps only)."""
+        for m, fh, rec, base in zip(self.members, handles, records, base_elapsed):
+            m.elapsed_s = base + now
+            if "mse" in rec:
+                rec["elapsed"] = round(m.elapsed_s, 3)
+                rec["event"] = "train"
+                m.metrics_history.append(rec)
+                m.write_line(fh, rec)
+
+    @staticmethod
+    def _result(m: EngineMember, status: str, message: str, exhausted: bool) -> TrainResult:
+        final = next((r for r in reversed(m.metrics_history) if r.get("event", "train") == "train"), {})
+        return TrainResult(status=status, steps_done=m.step_count, tokens_seen=m.tokens_seen,
+                           final_metrics=dict(final), message=message, elapsed_s=m.elapsed_s,
+                           stream_exhausted=exhausted, checkpoint_dir=m.checkpoint_dir, log_path=m.log_path)

@@ -29,6 +29,7 @@ from mechfaith.configs import doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.engine import Engine, EngineMember, PendingStep, TrainResult, run_step
+from mechfaith.training.optim import make_adam
 from mechfaith.training.schedules import lr_at, warmup_factor
 from mechfaith.training.stack import CoderStack, StackMember, StackSettings
 from mechfaith.training.stack_losses import References, StackTerms, stack_losses
@@ -115,13 +116,7 @@ class StackTrainer(EngineMember):
             log.warning("bf16 is not native on %s; training in float32", self.device)
             self.autocast = False
         self.params = [stack.W_enc, stack.b_enc, stack.W_dec, stack.b_dec]
-        kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        self.optimizer = torch.optim.Adam(self.params, **kwargs)
-        if fused_adam:
-            try:
-                self.optimizer = torch.optim.Adam(self.params, fused=True, **kwargs)
-            except (RuntimeError, TypeError, ValueError):
-                pass
+        self.optimizer = make_adam(self.params, cfg, fused=fused_adam)
         self.unit = stack.decoder_norm == "unit"
         self.n_steps, self.log_every = cfg.n_steps, cfg.log_every
         self.log_path = Path(log_path) if log_path is not None else None

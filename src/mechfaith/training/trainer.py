@@ -36,15 +36,16 @@ from torch import Tensor
 
 from mechfaith.coders.coder import CoderOutput, SparseCoder
 from mechfaith.coders.penalties import jacobian_contribution_penalty, sparsity_penalty
-from mechfaith.configs import config_to_dict
-from mechfaith.errors import CoderFileError, ConfigError, InputError, TrainingDiverged
+from mechfaith.errors import ConfigError, InputError
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
 from mechfaith.training.engine import Engine, EngineMember, PendingStep, TrainResult, run_step
 from mechfaith.training.jacobian_matching import jacobian_matching
+from mechfaith.training.optim import clip_, make_adam, total_norm
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
 from mechfaith.training.streams import BatchStream
+from mechfaith.training.trainer_state import load_trainer_state, params_finite, save_trainer_state
 
 log = logging.getLogger(__name__)
 
@@ -66,30 +67,6 @@ class LossTerms:
     jacobian_ref_sq: Tensor | None = None  # mean ||J_ref v||^2 (relative error = jacobian / this)
     jacobian_contribution: Tensor | None = None
     auxk: Tensor | None = None
-
-
-def _total_norm(grads: list[Tensor]) -> Tensor:
-    if not grads:
-        return torch.zeros(())
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:
-        return get_total_norm(grads, 2.0, foreach=True)
-    norms = torch._foreach_norm(grads)  # older torch
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def _clip_(grads: list[Tensor], max_norm: float, total: Tensor) -> None:
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
-
-
-def _make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Adam:
-    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    # fused kernels exist for CUDA and (torch >= 2.4) CPU; fall back to the multi-tensor path
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 class Trainer(EngineMember):
@@ -134,7 +111,7 @@ class Trainer(EngineMember):
         self.param_names: dict[str, torch.nn.Parameter] = {
             n: p for n, p in coder.named_parameters() if p.requires_grad}
         self.params = list(self.param_names.values())
-        self.optimizer = _make_adam(self.params, cfg)
+        self.optimizer = make_adam(self.params, cfg)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.tracker = DeadLatentTracker(coder.n_latents, self.device)
         self.step_count = 0  # optimiser steps done
@@ -201,6 +178,10 @@ class Trainer(EngineMember):
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise InputError(f"the reference returned {shape}; expected [{x.shape[0]}, {self.coder.d_out}]")
         return y.detach().to(self.coder.W_enc.dtype)
+
+    def forget_dead_count(self) -> None:
+        """The tracker changed outside a step (a restored checkpoint): count dead latents anew."""
+        self._n_dead = None
 
     def _dead_count(self) -> int:
         if self._n_dead is None:
@@ -281,9 +262,9 @@ class Trainer(EngineMember):
         if self._unit:
             coder.remove_parallel_decoder_grad_()
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = _total_norm(grads)
+        grad_norm = total_norm(grads)
         if cfg.grad_clip > 0:
-            _clip_(grads, cfg.grad_clip, grad_norm)
+            clip_(grads, cfg.grad_clip, grad_norm)
 
         batch = x.shape[0]
         with torch.no_grad():
@@ -343,28 +324,12 @@ class Trainer(EngineMember):
     # ------------------------------------------------------------------------------------ checkpoints
     def params_finite(self) -> bool:
         """Whether every parameter of the coder is finite (one host sync)."""
-        flags = torch.stack([torch.isfinite(p).all() for p in self.coder.parameters()])
-        return bool(flags.all())
+        return params_finite(self)
 
     def save_checkpoint(self, stream: BatchStream | None = None, folder: str | Path | None = None,
                         elapsed_s: float | None = None) -> Path:
         """Write a checkpoint (default folder: ``checkpoint_dir``); refuses non-finite weights."""
-        folder = Path(folder) if folder is not None else self.checkpoint_dir
-        if folder is None:
-            raise ConfigError("no checkpoint folder given")
-        if not self.params_finite():
-            raise TrainingDiverged(f"the coder's weights are not finite at step {self.step_count}; "
-                                   f"the checkpoint was not written")
-        tensors = {"dead.tokens_since_fired": self.tracker.tokens_since_fired,
-                   "rng.probes": self.generator.get_state(),
-                   "rng.torch_cpu": torch.get_rng_state()}
-        return ckpt.save_checkpoint(
-            folder, coder=self.coder, train_config=self.cfg, step=self.step_count,
-            tokens=self.tokens_seen,
-            optimizer_state=ckpt.flatten_adam_state(self.optimizer, self.param_names),
-            tensors=tensors, stream_state=stream.state_dict() if stream is not None else None,
-            metrics=self.metrics_history,
-            elapsed_s=self.elapsed_s if elapsed_s is None else elapsed_s)
+        return save_trainer_state(self, stream, folder, elapsed_s)
 
     def load_checkpoint(self, folder: str | Path | None = None,
                         stream: BatchStream | None = None) -> ckpt.Checkpoint:
@@ -373,47 +338,7 @@ class Trainer(EngineMember):
         The stream's saved position goes into ``stream`` when given, else into
         ``pending_stream_state`` (which :meth:`fit` applies to its stream).
         """
-        folder = Path(folder) if folder is not None else self.checkpoint_dir
-        if folder is None:
-            raise ConfigError("no checkpoint folder given")
-        c = ckpt.load_checkpoint(folder)
-        if c.coder.cfg != self.coder.cfg:
-            raise ConfigError(f"the checkpoint in {c.folder} holds a coder with another "
-                              f"configuration ({config_to_dict(c.coder.cfg)}) than the one being "
-                              f"trained ({config_to_dict(self.coder.cfg)})")
-        old, new = config_to_dict(c.train_config), config_to_dict(self.cfg)
-        changed = sorted(k for k in new if old.get(k) != new[k])
-        if changed:
-            log.warning("resuming with changed training options: %s",
-                        ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed))
-        where = c.folder / ckpt.TENSORS_NAME
-        for key in ("dead.tokens_since_fired", "rng.probes"):
-            if key not in c.tensors:
-                raise CoderFileError(where, f"missing tensor {key!r}")
-        since = c.tensors["dead.tokens_since_fired"]
-        if since.shape != (self.coder.n_latents,):
-            raise CoderFileError(where, f"dead.tokens_since_fired has shape {tuple(since.shape)}")
-        with torch.no_grad():
-            self.coder.load_state_dict(c.coder.state_dict())
-        ckpt.restore_adam_state(self.optimizer, self.param_names, c.optimizer_state,
-                                c.folder / ckpt.OPTIMIZER_NAME)
-        self.tracker.tokens_since_fired = since.to(self.device, torch.int64).clone()
-        try:
-            self.generator.set_state(c.tensors["rng.probes"])
-            if "rng.torch_cpu" in c.tensors:
-                torch.set_rng_state(c.tensors["rng.torch_cpu"])
-        except (RuntimeError, TypeError) as exc:
-            raise CoderFileError(where, f"bad random-generator state ({exc})") from None
-        self.step_count, self.tokens_seen = c.step, c.tokens
-        self.elapsed_s = c.elapsed_s
-        self.metrics_history = list(c.metrics)
-        self._n_dead = None
-        if stream is not None and c.stream_state is not None:
-            stream.load_state_dict(c.stream_state)
-            self.pending_stream_state = None
-        else:
-            self.pending_stream_state = c.stream_state
-        return c
+        return load_trainer_state(self, folder, stream)
 
     # ------------------------------------------------------------------------------------ the loop
     def fit(self, stream: Any, *, resume: bool | str = False,

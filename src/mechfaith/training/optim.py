@@ -1,0 +1,39 @@
+"""The optimiser and gradient helpers every member of the engine uses."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from mechfaith.training.config import TrainConfig
+
+
+def make_adam(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, fused: bool = True) -> torch.optim.Adam:
+    """Adam with the config's betas and epsilon; ``fused``: the fused kernel where it exists (CUDA,
+    and CPU with torch >= 2.4; else the multi-tensor path), otherwise the plain single-tensor one."""
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if not fused:
+        return torch.optim.Adam(list(params), **kwargs)
+    try:
+        return torch.optim.Adam(list(params), fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(list(params), foreach=True, **kwargs)
+
+
+def total_norm(grads: list[Tensor]) -> Tensor:
+    """The global L2 norm of a list of gradients (0-dim tensor, no host sync)."""
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, 2.0, foreach=True)
+    norms = torch._foreach_norm(grads)  # older torch
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_(grads: list[Tensor], max_norm: float, total: Tensor) -> None:
+    """Scale the gradients in place so their global norm is at most ``max_norm``."""
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef)
