@@ -8,7 +8,7 @@ from mechfaith.circuits.dashboard_data import collect_activations, feature_dashb
 from mechfaith.circuits.parts import model_parts
 from mechfaith.circuits.pullback import de_embedding
 from mechfaith.reports.dashboard import write_dashboards
-from test_circuits_attribution import make_setup
+from tests.circuits.test_circuits_attribution import make_setup
 
 
 def setup():
