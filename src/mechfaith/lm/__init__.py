@@ -8,8 +8,10 @@ Modules (import them directly; none imports transformers at import time except t
   unembedding live in GPT-2 / Llama / BERT models; hooks; the MLP as a function (Jacobian reference).
 - ``models``: offline built-ins (``smollm2-135m``, ``minilm-l6-v2``, ``gpt2-random``), hub names,
   tiny random models for tests.
-- ``activations``: one-pass multi-layer collection with early stop, shuffle buffer, safetensors
-  shards, batch streams for the trainer.
+- ``activations``: ``ActivationConfig``; one-pass multi-layer collection with early stop, shuffle
+  buffer, the batch stream straight from the model (``ModelActivationStream``).
+- ``activation_cache``: the on-disk activation cache (safetensors shards, ``index.json``), its
+  reader and its exactly resumable batch stream (``CachedActivationStream``).
 - ``config``: ``LMConfig``, ``LMCoderConfig`` and the LM training defaults.
 - ``model_cache``: models loaded once per process (``get_model``), ``check_model_name``,
   ``resolve_layer``.
