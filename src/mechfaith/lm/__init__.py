@@ -20,7 +20,9 @@ Modules (import them directly; none imports transformers at import time except t
 - ``splice`` / ``coder_stats`` / ``fidelity``: replace MLP outputs by coders (always restored);
   FVE / L0 / dead and dense latents; CE / KL / loss recovered of one or many splices sharing the
   clean and ablated runs (``evaluate_many``, ``evaluate_fidelity``).
-- ``formats``: SAELens export/import; the released GPT-2 transcoders via a restricted unpickler.
+- ``saelens``: SAELens export/import and ``ImportedCoder`` (a coder with its layer and sites).
+- ``safe_unpickle``: ``safe_torch_load``, a restricted unpickler for ``torch.save`` files.
+- ``gpt2_transcoders``: the released GPT-2 transcoders (read with ``safe_torch_load``).
 - ``coder_files``: ``open_coder`` (any of those formats, with its model, layer and sites).
 - ``collect`` / ``train`` / ``evaluate``: the ``mechfaith lm`` commands, each writing a JSON of
   typed results (``CollectResult``, ``TrainCoderResult``, ``EvalResult``) next to its artefacts.
