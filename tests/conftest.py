@@ -15,7 +15,7 @@ import pytest
 
 @pytest.fixture()
 def browser() -> Iterator["object"]:
-    from browser import BrowserSession, require_browser
+    from tests.browser import BrowserSession, require_browser
 
     require_browser()
     with BrowserSession() as session:

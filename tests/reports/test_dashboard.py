@@ -42,7 +42,7 @@ def test_dashboard_numbers():
 
 
 def test_dashboard_pages_render_in_chromium(tmp_path):
-    from browser import open_page, require_browser
+    from tests.browser import open_page, require_browser
     require_browser()
     lm, tcs, contexts = setup()
     ds = feature_dashboards(lm.model, tcs, contexts, [(2, 7), (1, 3)], lambda t: f"<{t}>", k=5)

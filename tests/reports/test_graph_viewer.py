@@ -30,7 +30,7 @@ def test_graph_json_round_trip_and_escaping(tmp_path):
 
 
 def test_viewer_renders_in_chromium(tmp_path):
-    from browser import BrowserSession, require_browser
+    from tests.browser import BrowserSession, require_browser
     require_browser()
     g = small_graph()
     page = tmp_path / "graph.html"
