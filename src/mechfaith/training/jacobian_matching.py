@@ -32,17 +32,24 @@ def sample_probes(x: Tensor, n_probes: int, generator: torch.Generator | None = 
     return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
+def reference_jvp_one(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(reference(x), J_ref(x) v)`` for one probe ``v`` shaped like ``x`` (any leading shape, e.g.
+    a stack's [K, batch, d]), with no autograd graph: no gradient reaches the reference."""
+    with torch.no_grad(), linear_jvp_mode():  # nn.Linear JVPs without the zero weight-tangent matmul
+        y, jv = torch.func.jvp(reference, (x,), (v,))
+    return y, jv
+
+
 def reference_jvp(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """``(reference(x), J_ref(x) v)`` with no autograd graph. ``v`` is [batch, d] or [probes, batch, d]."""
-    with torch.no_grad(), linear_jvp_mode():  # nn.Linear JVPs without the zero weight-tangent matmul
-        if v.ndim == 2:
-            return torch.func.jvp(reference, (x,), (v,))
-        ys, jvs = [], []
-        for vi in v:  # a few probes: a loop reuses no memory across probes and stays simple
-            y, jv = torch.func.jvp(reference, (x,), (vi,))
-            ys.append(y)
-            jvs.append(jv)
-        return ys[0], torch.stack(jvs)
+    if v.ndim == 2:
+        return reference_jvp_one(reference, x, v)
+    ys, jvs = [], []
+    for vi in v:  # a few probes: a loop reuses no memory across probes and stays simple
+        y, jv = reference_jvp_one(reference, x, vi)
+        ys.append(y)
+        jvs.append(jv)
+    return ys[0], torch.stack(jvs)
 
 
 @dataclass

@@ -19,7 +19,7 @@ elementwise Adam), so member i trains as it would alone, which the tests check a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,6 @@ from mechfaith.coders.sparse_decode import StackedSparseTopKFn
 from mechfaith.configs import doc
 from mechfaith.errors import ConfigError
 
-Reference = Callable[[Tensor], Tensor]
 STACK_ACTIVATIONS = ("relu", "topk")
 STACK_PENALTIES = ("none", "l1", "tanh_l1")
 
@@ -231,12 +230,3 @@ class StackSettings:
         return cls(lam_tanh=t(c if s == "tanh_l1" else 0.0 for s, c in zip(sparsity, sparsity_coef)),
                    lam_l1=t(c if s == "l1" else 0.0 for s, c in zip(sparsity, sparsity_coef)),
                    jacobian=t(jacobian_coef), jac_contrib=t(jac_contrib_coef), tanh_c=tanh_c)
-
-
-def reference_jvp(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``(reference(x), J_ref(x) v)`` by forward-mode autodiff of the module, without a graph.
-
-    Works on any leading shape (a stack's [K', B, d] included); no gradient reaches the reference.
-    """
-    with torch.no_grad():
-        return torch.func.jvp(reference, (x,), (v,))

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from mechfaith.errors import ConfigError
-from mechfaith.training.stack import CoderStack, StackSettings, reference_jvp
+from mechfaith.training.jacobian_matching import reference_jvp_one
+from mechfaith.training.stack import CoderStack, StackSettings
 
 Reference = Callable[[Tensor], Tensor]
 References = Reference | Sequence[Reference]
@@ -59,8 +60,8 @@ def targets(stack: CoderStack, x: Tensor, reference: References | None) -> Tenso
 
 def _reference_jv(reference: References, xs: Tensor, vs: Tensor, idx: Tensor) -> Tensor:
     if callable(reference):
-        return reference_jvp(reference, xs, vs)[1]
-    return torch.stack([reference_jvp(reference[int(g)], xs[i], vs[i])[1] for i, g in enumerate(idx)])
+        return reference_jvp_one(reference, xs, vs)[1]
+    return torch.stack([reference_jvp_one(reference[int(g)], xs[i], vs[i])[1] for i, g in enumerate(idx)])
 
 
 def stack_losses(stack: CoderStack, x: Tensor, settings: StackSettings, reference: References | None = None,
