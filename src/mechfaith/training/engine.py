@@ -75,7 +75,7 @@ class PendingStep:
     names: list[str]  # what ``values`` holds, in order; the first two are 'loss' and 'grad_norm'
     values: Tensor  # float64 [len(names)] (flattened per-member lists for stacks), on the device
     state: Any  # whatever the member needs to finish the step
-    batch: tuple[Tensor, Tensor | None] = (torch.zeros(0), None)  # the batch as given, for the NaN message
+    batch: tuple[Any, Any]  # the batch as given (for the message when it holds NaN/inf)
 
 
 class EngineMember:
@@ -89,6 +89,7 @@ class EngineMember:
     name: str = "member"
     n_steps: int
     log_every: int
+    checkpoint_every: int = 0  # steps between periodic checkpoints (0: only the final one)
     progress: bool = True
     desc: str = "train"
     log_path: Path | None = None
@@ -116,6 +117,31 @@ class EngineMember:
 
     def finish_step(self, pending: PendingStep, got: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def step(self, x: Tensor, y: Tensor | None = None, *, metrics: bool | None = None) -> dict[str, Any]:
+        """One optimiser step on the batch ``(x, y)`` (``y = None``: the reference's output, or x).
+
+        Returns the step's record: ``step`` (steps done), ``tokens``, ``lr``, ``loss``, ``grad_norm``
+        and, on log steps (or when ``metrics`` is True), the metrics (:class:`Trainer`: ``recon``,
+        each loss term, ``mse``, ``fve``, ``l0``, ``dead_frac``, ``jacobian_rel``; a stack: lists of
+        K values). Raises :class:`InputError` for a bad batch and :class:`TrainingDiverged` when the
+        loss or a gradient is NaN/inf; in both cases nothing (weights, Adam, counters) has changed.
+        """
+        return run_step([self], [(x, y)], metrics)[0]
+
+    def fit(self, stream: Any, *, resume: bool | str = False,
+            on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        """Train until ``n_steps`` steps are done, the stream ends, or the loss diverges.
+
+        ``stream``: a :class:`BatchStream` or any iterable of ``(x, y)`` batches.
+        ``resume``: continue from the checkpoint in ``checkpoint_dir`` (weights, Adam, RNGs, the
+        stream's position), so the result equals an uninterrupted run's; ``"auto"``: resume when
+        ``checkpoint_dir`` holds a checkpoint, else start afresh. An interrupted run
+        (exception, Ctrl-C) writes no checkpoint beyond its last periodic one.
+        ``on_log``: called with each log record (after it is written), e.g. for a held-out
+        evaluation; it must not change the coder. The loop is :class:`Engine`'s, with this member alone.
+        """
+        return Engine([self]).fit(stream, resume=resume, on_log=on_log)[0]
 
     # ---- logging and checkpoints
     def is_log_step(self, index: int) -> bool:
@@ -191,9 +217,8 @@ def run_step(members: Sequence[EngineMember], batches: Sequence[tuple[Tensor, Te
         for m in members:
             m.abort_step()
         raise
-    flat = torch.cat([p.values.to("cpu" if p.values.device.type != "cpu" else p.values.device)
-                      for p in pendings]) if pendings else torch.zeros(0)
-    values = flat.tolist()  # the one host sync
+    device = pendings[0].values.device  # members on other devices copy there without a sync
+    values = torch.cat([p.values.to(device) for p in pendings]).tolist()  # the one host sync
     gots: list[dict[str, Any]] = []
     at = 0
     for p in pendings:
@@ -315,7 +340,7 @@ class Engine:
                     if on_log is not None:
                         on_log(records[0])
                     bar.set_postfix(first.postfix(records[0]), refresh=False)
-                every = getattr(first, "checkpoint_every", 0)
+                every = first.checkpoint_every
                 if every and first.step_count % every == 0 and first.step_count < self.n_steps:
                     try:
                         self._checkpoint_all(stream)

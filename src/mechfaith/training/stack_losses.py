@@ -81,7 +81,6 @@ def stack_losses(stack: CoderStack, x: Tensor, settings: StackSettings, referenc
     if (stack.activation == "topk" and x.ndim == 2 and not dense_only and torch.is_grad_enabled()
             and x.dtype in (torch.float32, torch.float64)):
         y_hat, sums, fired = stack.forward_sparse_topk(x, bf16)
-        y_hat = y_hat.float() if y_hat.dtype != stack.W_enc.dtype else y_hat
         mse = (y_hat - y).pow(2).sum(-1).mean(-1)  # [K]
         zero = torch.zeros_like(mse)
         l1 = (sums * stack.decoder_norms()).sum(-1) / x.shape[0] if bool((settings.lam_l1 > 0).any()) else zero

@@ -28,7 +28,7 @@ from torch import Tensor
 from mechfaith.configs import doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.training.config import TrainConfig
-from mechfaith.training.engine import Engine, EngineMember, PendingStep, TrainResult, run_step
+from mechfaith.training.engine import EngineMember, PendingStep
 from mechfaith.training.optim import make_adam
 from mechfaith.training.schedules import lr_at, warmup_factor
 from mechfaith.training.stack import CoderStack, StackMember, StackSettings
@@ -232,15 +232,6 @@ class StackTrainer(EngineMember):
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
         losses = record["loss"]
         return {"loss": f"{sum(losses) / len(losses):.4g}"}
-
-    # ------------------------------------------------------------------------------- conveniences
-    def step(self, x: Tensor, y: Tensor | None = None, *, metrics: bool | None = None) -> dict[str, Any]:
-        """One step of every member on the batch (see :func:`~mechfaith.training.engine.run_step`)."""
-        return run_step([self], [(x, y)], metrics)[0]
-
-    def fit(self, stream: Any) -> TrainResult:
-        """Train until ``n_steps`` or the stream ends (the engine's loop; records also in JSONL)."""
-        return Engine([self]).fit(stream)[0]
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from mechfaith.errors import ConfigError, InputError
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
-from mechfaith.training.engine import Engine, EngineMember, PendingStep, TrainResult, run_step
+from mechfaith.training.engine import EngineMember, PendingStep, TrainResult
 from mechfaith.training.jacobian_matching import jacobian_matching
 from mechfaith.training.optim import clip_, make_adam, total_norm
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
@@ -137,7 +137,7 @@ class Trainer(EngineMember):
         return self.cfg.log_every
 
     @property
-    def checkpoint_every(self) -> int:
+    def checkpoint_every(self) -> int:  # type: ignore[override]
         return self.cfg.checkpoint_every
 
     def _prepare(self, x: Tensor, y: Tensor | None, where: str) -> tuple[Tensor, Tensor | None]:
@@ -231,17 +231,6 @@ class Trainer(EngineMember):
                 total = total + cfg.auxk_coef * terms.auxk
         terms.total = total
         return terms
-
-    def step(self, x: Tensor, y: Tensor | None = None, *, metrics: bool | None = None) -> dict[str, Any]:
-        """One optimiser step on the batch ``(x, y)``; ``y = None``: the reference's output (or x).
-
-        Returns ``step`` (steps done), ``tokens``, ``lr``, ``sparsity_coef``, ``loss``, ``grad_norm``
-        and, on log steps (or when ``metrics`` is True), ``recon``, each other loss term, ``mse``,
-        ``fve``, ``l0``, ``dead_frac`` (and ``jacobian_rel`` with Jacobian matching).
-        Raises :class:`InputError` for a bad batch and :class:`TrainingDiverged` when the loss or
-        a gradient is NaN/inf; in both cases nothing (weights, Adam, counters) has changed.
-        """
-        return run_step([self], [(x, y)], metrics)[0]
 
     def begin_step(self, x: Tensor, y: Tensor | None, want_metrics: bool) -> PendingStep:
         """Forward and backward pass, gradient clipping and the values to synchronise (no update)."""
@@ -339,21 +328,6 @@ class Trainer(EngineMember):
         ``pending_stream_state`` (which :meth:`fit` applies to its stream).
         """
         return load_trainer_state(self, folder, stream)
-
-    # ------------------------------------------------------------------------------------ the loop
-    def fit(self, stream: Any, *, resume: bool | str = False,
-            on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-        """Train until ``n_steps`` steps are done, the stream ends, or the loss diverges.
-
-        ``stream``: a :class:`BatchStream` or any iterable of ``(x, y)`` batches.
-        ``resume``: continue from the checkpoint in ``checkpoint_dir`` (weights, Adam, RNGs, the
-        stream's position), so the result equals an uninterrupted run's; ``"auto"``: resume when
-        ``checkpoint_dir`` holds a checkpoint, else start afresh. An interrupted run
-        (exception, Ctrl-C) writes no checkpoint beyond its last periodic one.
-        ``on_log``: called with each log record (after it is written), e.g. for a held-out
-        evaluation; it must not change the coder. The loop is the engine's (:class:`Engine`).
-        """
-        return Engine([self]).fit(stream, resume=resume, on_log=on_log)[0]
 
 
 def _total_var(y: Tensor) -> Tensor:
