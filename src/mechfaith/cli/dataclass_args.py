@@ -143,3 +143,10 @@ def load_config_sections(path: str | Path | None, sections: typing.Sequence[str]
             raise ConfigError(f"{path}: section [{name}] must be a mapping")
         out[name] = section
     return out
+
+
+def add_quiet_option(parser: argparse.ArgumentParser, help: str = "hide progress bars") -> None:
+    """``--quiet`` on a command (unless its parser already has it); absent from the namespace when not
+    given, so the top-level ``-q`` can set it."""
+    if not any("--quiet" in a.option_strings for a in parser._actions):
+        parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=help)

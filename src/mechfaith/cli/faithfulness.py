@@ -33,12 +33,9 @@ log = logging.getLogger(__name__)
 SECTIONS = ("faithfulness", "datapoints", "masking", "lm_faithfulness")
 
 
-def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
-    return any(flag in a.option_strings for a in parser._actions)
-
 
 def add_parser(subparsers) -> None:
-    from mechfaith.cli.dataclass_args import add_dataclass_args
+    from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
     from mechfaith.faithfulness.datapoints import DatapointConfig
     from mechfaith.faithfulness.masking import MaskingConfig
     from mechfaith.faithfulness.report import FaithfulnessConfig
@@ -59,8 +56,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the model's weights")
-    if not _has_option(p, "--quiet"):
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress")
+    add_quiet_option(p, "hide progress")
     add_dataclass_args(p.add_argument_group("measurements"), FaithfulnessConfig,
                        exclude={"datapoints", "masking"})
     add_dataclass_args(p.add_argument_group("tokens"), LMFaithfulnessConfig)
@@ -71,7 +67,7 @@ def add_parser(subparsers) -> None:
 
 
 def _add_experiment_parser(sub) -> None:
-    from mechfaith.cli.dataclass_args import add_dataclass_args
+    from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
     from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.studies.memorization import ExperimentConfig
 
@@ -81,8 +77,7 @@ def _add_experiment_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the small variant (2 rates, 1 k, 100 steps; "
                    "a few minutes); flags and the config file still override it")
     p.add_argument("--config", default=None, help="TOML or YAML file with sections [experiment], [corpus]")
-    if not _has_option(p, "--quiet"):
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress")
+    add_quiet_option(p, "hide progress")
     add_dataclass_args(p.add_argument_group("experiment"), ExperimentConfig)
     add_dataclass_args(p.add_argument_group("corpus"), CorpusConfig, prefix="corpus-")
     p.set_defaults(func=run, faithfulness_func=_run_experiment)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
+from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_sections
 from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
 
@@ -54,15 +54,11 @@ def _set_default_help(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
             action.help = re.sub(r"\(default: [^)]*\)", f"(default: {defaults[action.dest]})", action.help)
 
 
-def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
-    return any(flag in a.option_strings for a in parser._actions)
-
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help="TOML or YAML file with sections [lm], [corpus], [coder], [train]")
-    if not _has_option(p, "--quiet"):
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress bars")
+    add_quiet_option(p, "hide progress bars")
 
 
 def _add_lm_args(p: argparse.ArgumentParser, *, coder: bool, train: bool) -> None:
@@ -129,8 +125,7 @@ def add_parser(subparsers) -> None:
                    help="keep the model's own MLP output at BOS when splicing")
     p.add_argument("--include-bos", action="store_true",
                    help="include BOS in FVE / L0 statistics (default: reported separately)")
-    if not _has_option(p, "--quiet"):
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="hide progress bars")
+    add_quiet_option(p, "hide progress bars")
     p.set_defaults(func=run, lm_func=_run_eval)
 
     p = sub.add_parser("sweep", help="SAEs and transcoders over several sparsity settings; L0 vs CE plot",

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_file
+from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_file
 from mechfaith.coders.files import save_coder
 from mechfaith.errors import ConfigError
 from mechfaith.toy.experiments import QUICK, ToyConfig, run_toy
@@ -30,15 +30,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller run with the same outputs (smoke test)")
     p.add_argument("--config", default=None, help="TOML or YAML file with ToyConfig values "
                                                    "(top level or a [toy] section)")
-    if not _has_option(p, "--quiet"):
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="hide the progress bar")
+    add_quiet_option(p, "hide the progress bar")
     add_dataclass_args(p, ToyConfig)
     p.set_defaults(func=run)
 
-
-def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
-    return any(flag in a.option_strings for a in parser._actions)
 
 
 def build_config(args: argparse.Namespace) -> ToyConfig:
