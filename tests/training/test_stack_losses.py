@@ -9,8 +9,8 @@ import torch
 
 from mechfaith.coders import CoderConfig, SparseCoder, jacobian_contribution_penalty, sparsity_penalty
 from mechfaith.errors import ConfigError
-from mechfaith.toy.batched import MemberSpec, member_settings
 from mechfaith.toy.data import datapoint, sample_with_repeats
+from mechfaith.toy.members import MemberSpec, member_settings
 from mechfaith.toy.model import AbsMLP
 from mechfaith.toy.train import train_grid
 from mechfaith.training.config import TrainConfig

@@ -1,6 +1,7 @@
 """The toy model of mechanistic (un)faithfulness: y = |x| by a real ReLU MLP, sparse data with a
-repeated datapoint, a batched trainer for grids of coders, and the experiments of the report.
+repeated datapoint, its grid of coders trained at once by the engine, and the experiments of the report.
 
-Modules: ``model`` (AbsMLP), ``data``, ``batched`` (stacked-weight coders and their loss),
-``train`` (train_grid), ``library`` (the ideal circuits), ``experiments`` (ToyConfig, run_toy).
+Modules: ``model`` (AbsMLP), ``data``, ``members`` (MemberSpec: what differs per coder of the grid),
+``train`` (train_grid: the grid as a CoderStack in a StackTrainer), ``library`` (the ideal circuits),
+``experiments`` (ToyConfig, run_toy).
 """

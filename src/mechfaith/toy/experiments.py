@@ -1,8 +1,8 @@
 """The toy experiments of "A Toy Model of Mechanistic (Un)Faithfulness", run as one batched grid.
 
 Every coder of every experiment (main settings x seeds, the L1 / Jacobian-contribution variants,
-and the repeat_frac x sparsity scan x seeds) is one member of a single :class:`BatchedCoder`,
-trained together in one loop; then each member is exported as a regular
+and the repeat_frac x sparsity scan x seeds) is one member of a single :class:`~mechfaith.training.stack.CoderStack`,
+trained together by the engine; then each member is exported as a regular
 :class:`~mechfaith.coders.SparseCoder` and measured with :mod:`mechfaith.faithfulness`.
 
 Settings (all at ``repeat_frac`` = 5% unless said; tanh-L1 unless said):
@@ -28,9 +28,9 @@ from mechfaith.configs import config_to_dict, doc
 from mechfaith.errors import ConfigError
 from mechfaith.faithfulness.circuit_library import Decomposition, decompose
 from mechfaith.faithfulness.memorization import feature_memorization, find_datapoint_features, jacobian_at_point
-from mechfaith.toy.batched import MemberSpec
 from mechfaith.toy.data import datapoint, sample_sparse
 from mechfaith.toy.library import abs_library, library_sample
+from mechfaith.toy.members import MemberSpec
 from mechfaith.toy.model import AbsMLP, abs_jacobian
 from mechfaith.toy.train import GridResult, train_grid
 

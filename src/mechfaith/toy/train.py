@@ -20,8 +20,8 @@ import torch
 
 from mechfaith.coders import CoderConfig
 from mechfaith.errors import ConfigError, TrainingDiverged
-from mechfaith.toy.batched import MemberSpec, member_settings
 from mechfaith.toy.data import sample_with_repeats
+from mechfaith.toy.members import MemberSpec, member_settings
 from mechfaith.toy.model import AbsMLP
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.stack import CoderStack

@@ -105,7 +105,7 @@ class EngineMember:
     def begin_step(self, x: Tensor, y: Tensor | None, want_metrics: bool) -> PendingStep:
         raise NotImplementedError
 
-    def nonfinite(self, pending: PendingStep, got: dict[str, Any]) -> str | None:
+    def nonfinite(self, got: dict[str, Any]) -> str | None:
         """Why this step must not be applied (NaN/inf loss or gradient), or None."""
         bad = [v for k in ("loss", "grad_norm") for v in _flat(got[k]) if not math.isfinite(v)]
         if not bad:
@@ -226,7 +226,7 @@ def run_step(members: Sequence[EngineMember], batches: Sequence[tuple[Tensor, Te
         gots.append(_unflatten(p.names, values[at:at + n], n))
         at += n
     for m, p, got in zip(members, pendings, gots):
-        why = m.nonfinite(p, got)
+        why = m.nonfinite(got)
         if why is None:
             continue
         for mm in members:
