@@ -15,7 +15,7 @@ products (forward-mode autodiff), never a full Jacobian.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import Tensor
@@ -35,11 +35,12 @@ def sample_probes(x: Tensor, n_probes: int, generator: torch.Generator | None = 
 def reference_jvp(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """``(reference(x), J_ref(x) v)`` with no autograd graph. ``v`` is [batch, d] or [probes, batch, d]."""
     with torch.no_grad(), linear_jvp_mode():  # nn.Linear JVPs without the zero weight-tangent matmul
+        # torch.func.jvp is typed for has_aux too (a 3-tuple); without aux it is (primal, tangent)
         if v.ndim == 2:
-            return torch.func.jvp(reference, (x,), (v,))
+            return cast(tuple[Tensor, Tensor], torch.func.jvp(reference, (x,), (v,)))
         ys, jvs = [], []
         for vi in v:  # a few probes: a loop reuses no memory across probes and stays simple
-            y, jv = torch.func.jvp(reference, (x,), (vi,))
+            y, jv = cast(tuple[Tensor, Tensor], torch.func.jvp(reference, (x,), (vi,)))
             ys.append(y)
             jvs.append(jv)
         return ys[0], torch.stack(jvs)

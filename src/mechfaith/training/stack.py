@@ -19,7 +19,7 @@ elementwise Adam), so member i trains as it would alone, which the tests check a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,9 @@ def member_configs(base: CoderConfig, members: Sequence[StackMember]) -> list[Co
 
 class CoderStack(nn.Module):
     """K coders of one architecture with stacked weights (see the module docstring for shapes)."""
+
+    width_mask: Tensor  # buffers (register_buffer in __init__)
+    k_mask: Tensor
 
     def __init__(self, member_cfgs: Sequence[CoderConfig], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -239,4 +242,5 @@ def reference_jvp(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, T
     Works on any leading shape (a stack's [K', B, d] included); no gradient reaches the reference.
     """
     with torch.no_grad():
-        return torch.func.jvp(reference, (x,), (v,))
+        # torch.func.jvp is typed for has_aux too (a 3-tuple); without aux it is (primal, tangent)
+        return cast(tuple[Tensor, Tensor], torch.func.jvp(reference, (x,), (v,)))
