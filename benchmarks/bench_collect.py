@@ -10,7 +10,7 @@ process, interleaved within each repetition (the CPU may be shared):
   ``StopForward``; nothing is stored). This is the floor any collector has to pay.
 - ``collect``: :func:`mechfaith.lm.activations.iter_model_activations` (hooks on the MLP input and
   output, BOS dropped, rows copied out), i.e. what the trainer's streams consume.
-- ``collect+disk``: :func:`mechfaith.lm.activations.write_activation_cache` to a temporary folder:
+- ``collect+disk``: :func:`mechfaith.lm.activation_cache.write_activation_cache` to a temporary folder:
   the above plus the shuffle buffer and safetensors shards with SHA-256 (the ``lm collect`` path).
 
 Throughput is tokens per second over all positions of the contexts (BOS included, the same count
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from mechfaith.lm.activations import ActivationConfig, iter_model_activations, write_activation_cache
+from mechfaith.lm.activation_cache import write_activation_cache
+from mechfaith.lm.activations import ActivationConfig, iter_model_activations
 from mechfaith.lm.adapters import StopForward, hooks_removed_after
 from mechfaith.lm.config import LMConfig
 from mechfaith.lm.corpus import CorpusConfig, get_corpus

@@ -5,7 +5,7 @@ Used by any test that checks a page mechfaith writes (toy report, dashboards). I
 never downloads a browser or a driver, and reaches no network (file:// pages only; the flags below
 switch off Chromium's own background connections).
 
-API (import it as ``from browser import ...`` in a test under ``tests/``; pytest puts ``tests/`` on
+API (import it as ``from tests.browser import ...`` in a test under ``tests/``; pytest puts the repository on
 ``sys.path``)::
 
     require_browser()            # in a test: skip if Chromium is missing, but FAIL when CI is set

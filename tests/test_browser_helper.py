@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import browser
-from browser import BrowserSession, open_page, require_browser
+import tests.browser as browser
+from tests.browser import BrowserSession, open_page, require_browser
 
 
 def write_png(path: Path, width: int, height: int, rgb: tuple[int, int, int]) -> None:

@@ -1,7 +1,8 @@
 """mechfaith: transcoders you can trust.
 
-Layout (each package imports only from those listed before it):
-``coders`` -> ``training`` -> ``faithfulness`` -> ``toy`` -> ``lm`` -> ``circuits`` -> ``reports`` -> ``cli``.
+Layout (each package imports only from those listed before it; the top-level helper modules
+``errors``, ``configs``, ``atomic``, ``jsonio`` and ``perf`` sit below them all):
+``coders`` -> ``training`` -> ``faithfulness`` -> ``toy`` -> ``lm`` -> ``circuits`` -> ``studies`` -> ``reports`` -> ``cli``.
 """
 
 __version__ = "0.1.0"

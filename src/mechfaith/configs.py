@@ -1,7 +1,9 @@
 """Documented dataclass configs: each field carries its help text, which becomes the CLI help.
 
 Use :func:`doc` to declare a field, :func:`config_to_dict` / :func:`config_from_dict` to move a
-config to and from JSON-safe data with type and choice checks (no pickle anywhere).
+config to and from JSON-safe data with type and choice checks (no pickle anywhere);
+:func:`coerce_value` checks one field's value and :func:`base_type` strips ``Optional`` from a
+field's type (both shared with the CLI).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """Strip ``Optional``; return (inner type, whether None is allowed)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -55,7 +57,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 def coerce_value(cls: type, f: dataclasses.Field, value: Any) -> Any:
     """Check and convert one value for field ``f`` of ``cls`` (strings from the CLI included)."""
     hints = typing.get_type_hints(cls)
-    tp, allows_none = _base_type(hints[f.name])
+    tp, allows_none = base_type(hints[f.name])
     where = f"{cls.__name__}.{f.name}"
     if value is None or (isinstance(value, str) and value.lower() == "none" and allows_none):
         if allows_none:

@@ -13,7 +13,7 @@ Layers without a transcoder keep their MLP as one opaque write (node ``mlp{l}@p`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -111,15 +111,9 @@ def _attn_impl_eager(model: Any) -> str | None:
     return prev
 
 
-def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int, Transcoder] | list[Transcoder],
-               *, dtype: torch.dtype | None = None, token_strings: list[str] | None = None) -> ReplacementRun:
-    """Run the clean model on ``tokens`` ([seq] or [1, seq]) and record the replacement model.
-
-    ``dtype``: compute the recorded quantities in this dtype (default: the model's). The model runs
-    in its own dtype; use a float64 model for exact checks.
-    """
-    adapter: ModelAdapter = get_adapter(model)
-    parts = model_parts(adapter)
+def _check_transcoders(adapter: ModelAdapter, parts: ModelParts,
+                       transcoders: Mapping[int, Transcoder] | list[Transcoder]) -> dict[int, Transcoder]:
+    """``{layer: transcoder}``, each checked against the model."""
     if isinstance(transcoders, Mapping):
         tcs = {int(k): v for k, v in transcoders.items()}
     else:
@@ -133,6 +127,11 @@ def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int,
                               f"d_model {parts.d_model}")
         if tc.output_site == "mlp_out_centered" and parts.family != "gpt2":
             raise ConfigError("a transcoder of centred MLP outputs cannot replace a Llama MLP")
+    return tcs
+
+
+def _check_tokens(tokens: Tensor | list[int], parts: ModelParts) -> Tensor:
+    """The prompt as a 1-D int64 tensor on the model's device, checked against vocab and context."""
     ids = torch.as_tensor(tokens, dtype=torch.long)
     if ids.ndim == 2:
         if ids.shape[0] != 1:
@@ -145,12 +144,14 @@ def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int,
         raise InputError(f"token ids must be in [0, {vocab})")
     if parts.W_pos is not None and ids.numel() > parts.W_pos.shape[0]:
         raise InputError(f"the prompt has {ids.numel()} tokens; the model takes at most {parts.W_pos.shape[0]}")
-    device = parts.W_E.device
-    ids = ids.to(device)
-    n = parts.n_layers
+    return ids.to(parts.W_E.device)
+
+
+def _capture(adapter: ModelAdapter, ids: Tensor, n: int) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
+    """One clean forward pass (eager attention) with hooks: the captured tensors and the logits."""
     cap: dict[tuple[str, int], Tensor] = {}
 
-    def put(key: tuple[str, int]):
+    def put(key: tuple[str, int]) -> Callable[[Tensor], None]:
         def fn(t: Tensor) -> None:
             cap[key] = t.detach()[0]
         return fn
@@ -177,6 +178,51 @@ def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int,
     finally:
         if prev is not None and prev != "eager":
             adapter.model.set_attn_implementation(prev)
+    return cap, logits
+
+
+def _record_transcoder(tc: Transcoder, run: ReplacementRun, c: dict[tuple[str, int], Tensor],
+                       dt: torch.dtype) -> TranscoderRecord:
+    """The transcoder of ``tc.layer`` on the recorded prompt (its input, activations, error)."""
+    layer, coder, parts = tc.layer, tc.coder, run.parts
+    if tc.input_site == "mlp_in":
+        x_in = c[("mlp_in", layer)]
+    elif tc.input_site == "mlp_in_normalized":
+        x_in = Norm(parts.ln2[layer].kind, None, None, parts.ln2[layer].eps).apply(
+            run.resid[2 * layer + 1], run.s2[layer])
+    else:
+        x_in = run.resid[2 * layer]
+    with torch.no_grad():
+        out = coder.forward_full(x_in.to(coder.W_enc.dtype))
+        W_skip = coder.W_skip
+        skip = (x_in.to(coder.W_enc.dtype) @ W_skip) if W_skip is not None else torch.zeros_like(out.y_hat)
+    f = out.f.detach().to(dt)
+    pre = out.pre.detach().to(dt)
+    active = f != 0
+    if not torch.allclose(f[active], pre[active], rtol=1e-5, atol=1e-6):
+        raise ConfigError(f"transcoder of layer {layer}: active latents are not equal to their "
+                          f"pre-activations (unsupported activation)")
+    return TranscoderRecord(
+        tc=tc, x_in=x_in, f=f, pre=pre, skip=skip.detach().to(dt),
+        error=run.mlp_out[layer] - out.y_hat.detach().to(dt),
+        W_enc=coder.W_enc.detach().to(dt), b_enc=coder.b_enc.detach().to(dt),
+        W_dec=coder.W_dec.detach().to(dt), b_dec=coder.b_dec.detach().to(dt),
+        W_skip=None if coder.W_skip is None else coder.W_skip.detach().to(dt))
+
+
+def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int, Transcoder] | list[Transcoder],
+               *, dtype: torch.dtype | None = None, token_strings: list[str] | None = None) -> ReplacementRun:
+    """Run the clean model on ``tokens`` ([seq] or [1, seq]) and record the replacement model.
+
+    ``dtype``: compute the recorded quantities in this dtype (default: the model's). The model runs
+    in its own dtype; use a float64 model for exact checks.
+    """
+    adapter: ModelAdapter = get_adapter(model)
+    parts = model_parts(adapter)
+    tcs = _check_transcoders(adapter, parts, transcoders)
+    ids = _check_tokens(tokens, parts)
+    n = parts.n_layers
+    cap, logits = _capture(adapter, ids, n)
     dt = dtype or parts.W_E.dtype
     parts = parts.to(dt)
     c = {k: v.to(dt) for k, v in cap.items()}
@@ -199,29 +245,5 @@ def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int,
         embed=parts.W_E[ids], pos_embed=None if parts.W_pos is None else parts.W_pos[:seq],
         logits=logits.to(dt), token_strings=token_strings)
     for layer in sorted(tcs):
-        tc = tcs[layer]
-        coder = tc.coder
-        if tc.input_site == "mlp_in":
-            x_in = c[("mlp_in", layer)]
-        elif tc.input_site == "mlp_in_normalized":
-            x_in = Norm(parts.ln2[layer].kind, None, None, parts.ln2[layer].eps).apply(
-                resid[2 * layer + 1], s2[layer])
-        else:
-            x_in = resid[2 * layer]
-        with torch.no_grad():
-            out = coder.forward_full(x_in.to(coder.W_enc.dtype))
-            W_skip = coder.W_skip
-            skip = (x_in.to(coder.W_enc.dtype) @ W_skip) if W_skip is not None else torch.zeros_like(out.y_hat)
-        f = out.f.detach().to(dt)
-        pre = out.pre.detach().to(dt)
-        active = f != 0
-        if not torch.allclose(f[active], pre[active], rtol=1e-5, atol=1e-6):
-            raise ConfigError(f"transcoder of layer {layer}: active latents are not equal to their "
-                              f"pre-activations (unsupported activation)")
-        run.transcoders[layer] = TranscoderRecord(
-            tc=tc, x_in=x_in, f=f, pre=pre, skip=skip.detach().to(dt),
-            error=run.mlp_out[layer] - out.y_hat.detach().to(dt),
-            W_enc=coder.W_enc.detach().to(dt), b_enc=coder.b_enc.detach().to(dt),
-            W_dec=coder.W_dec.detach().to(dt), b_dec=coder.b_dec.detach().to(dt),
-            W_skip=None if coder.W_skip is None else coder.W_skip.detach().to(dt))
+        run.transcoders[layer] = _record_transcoder(tcs[layer], run, c, dt)
     return run

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mechfaith.configs import _base_type, coerce_value
+from mechfaith.configs import base_type, coerce_value
 from mechfaith.errors import ConfigError
 
 T = TypeVar("T")
@@ -49,7 +49,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, pref
         if f.name in exclude:
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
-        tp, _ = _base_type(hints[f.name])
+        tp, _ = base_type(hints[f.name])
         if tp is dict or typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp):
             continue  # mappings and nested configs come from the config file only
         help_text = (str(f.metadata.get("help", "")) + _default_text(f, overrides)).replace("%", "%%")

@@ -300,7 +300,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from mechfaith.lm.coder_files import open_coder
-    from mechfaith.lm.formats import export_saelens
+    from mechfaith.lm.saelens import export_saelens
 
     ref = open_coder(args.coder)
     export_saelens(ref.coder, args.out, layer=ref.layer, input_site=ref.input_site or "mlp_in",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.errors import InputError
-from mechfaith.faithfulness.jacobian import JvpErrorEstimate, _check_x, coder_jacobians, exact_jacobians
+from mechfaith.faithfulness.jacobian import JvpErrorEstimate, check_x, coder_jacobians, exact_jacobians
 from mechfaith.faithfulness.jacobian import per_row_jvp_errors as core_per_row_jvp_errors
 
 Fn = Callable[[Tensor], Tensor]
@@ -38,7 +38,7 @@ def per_row_jvp_errors(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 8,
     """Per input, the probe means ``e_b = mean_p ||J_ref v - J_tc v||^2`` and ``r_b = mean_p
     ||J_ref v||^2`` (two float64 tensors [batch]); rows are processed ``chunk_size`` at a time
     through the core estimator (so one chunk draws exactly the core's probes)."""
-    _check_x(x)
+    check_x(x)
     if chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     errs, refs = [], []
@@ -105,7 +105,7 @@ class Spectra:
 @torch.no_grad()
 def jacobian_spectra(reference: Fn, coder: Fn, x: Tensor, chunk_size: int = 16) -> Spectra:
     """Exact Jacobians of both functions at each row of ``x`` [n, d_in] and their singular values."""
-    _check_x(x)
+    check_x(x)
     j_ref = exact_jacobians(reference, x, chunk_size)
     j_tc = coder_jacobians(coder, x, chunk_size)
     if j_ref.shape != j_tc.shape:

@@ -42,7 +42,8 @@ from mechfaith.training.fast_jvp import linear_jvp_mode
 Fn = Callable[[Tensor], Tensor]
 
 
-def _check_x(x: Tensor) -> None:
+def check_x(x: Tensor) -> None:
+    """Raise :class:`InputError` unless ``x`` is a floating-point tensor [batch, d_in], batch >= 1."""
     if not isinstance(x, Tensor):
         raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -59,7 +60,7 @@ def exact_jacobians(fn: Fn, x: Tensor, chunk_size: int = 64) -> Tensor:
     The result is differentiable in tensors ``fn`` captures that require grad (e.g. a coder's
     parameters); wrap the call in ``torch.no_grad()`` when that is not wanted.
     """
-    _check_x(x)
+    check_x(x)
     if chunk_size <= 0:
         raise InputError(f"chunk_size must be positive, got {chunk_size}")
 
@@ -83,7 +84,7 @@ def frobenius_error_exact(reference: Fn, coder: Fn, x: Tensor, chunk_size: int =
 
     Differentiable in the coder's parameters; the reference's Jacobians carry no graph.
     """
-    _check_x(x)
+    check_x(x)
     with torch.no_grad():
         j_ref = exact_jacobians(reference, x.detach(), chunk_size)
     j_tc = coder_jacobians(coder, x.detach(), chunk_size)
@@ -122,7 +123,7 @@ def per_row_jvp_errors(reference: Fn, coder: Fn, x: Tensor, n_probes: int = 16,
     Probes are batched: each call of the JVPs sees up to ``max_rows`` rows (the inputs repeated once
     per probe, probe-major), so both functions must act row by row.
     """
-    _check_x(x)
+    check_x(x)
     if n_probes < 1:
         raise InputError(f"n_probes must be >= 1, got {n_probes}")
     batch = x.shape[0]

@@ -8,8 +8,10 @@ Modules (import them directly; none imports transformers at import time except t
   unembedding live in GPT-2 / Llama / BERT models; hooks; the MLP as a function (Jacobian reference).
 - ``models``: offline built-ins (``smollm2-135m``, ``minilm-l6-v2``, ``gpt2-random``), hub names,
   tiny random models for tests.
-- ``activations``: one-pass multi-layer collection with early stop, shuffle buffer, safetensors
-  shards, batch streams for the trainer.
+- ``activations``: ``ActivationConfig``; one-pass multi-layer collection with early stop, shuffle
+  buffer, the batch stream straight from the model (``ModelActivationStream``).
+- ``activation_cache``: the on-disk activation cache (safetensors shards, ``index.json``), its
+  reader and its exactly resumable batch stream (``CachedActivationStream``).
 - ``config``: ``LMConfig``, ``LMCoderConfig`` and the LM training defaults.
 - ``model_cache``: models loaded once per process (``get_model``), ``check_model_name``,
   ``resolve_layer``.
@@ -18,7 +20,9 @@ Modules (import them directly; none imports transformers at import time except t
 - ``splice`` / ``coder_stats`` / ``fidelity``: replace MLP outputs by coders (always restored);
   FVE / L0 / dead and dense latents; CE / KL / loss recovered of one or many splices sharing the
   clean and ablated runs (``evaluate_many``, ``evaluate_fidelity``).
-- ``formats``: SAELens export/import; the released GPT-2 transcoders via a restricted unpickler.
+- ``saelens``: SAELens export/import and ``ImportedCoder`` (a coder with its layer and sites).
+- ``safe_unpickle``: ``safe_torch_load``, a restricted unpickler for ``torch.save`` files.
+- ``gpt2_transcoders``: the released GPT-2 transcoders (read with ``safe_torch_load``).
 - ``coder_files``: ``open_coder`` (any of those formats, with its model, layer and sites).
 - ``collect`` / ``train`` / ``evaluate``: the ``mechfaith lm`` commands, each writing a JSON of
   typed results (``CollectResult``, ``TrainCoderResult``, ``EvalResult``) next to its artefacts.

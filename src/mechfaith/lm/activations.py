@@ -1,45 +1,32 @@
-"""Activation store: (input, target) pairs of one or several layers, collected in one forward pass.
+"""Activations captured from a model: (input, target) pairs of one or several layers in one pass.
 
+- :class:`ActivationConfig`: what to collect and how to batch, shuffle and store it.
 - :func:`iter_model_activations` runs the model over token contexts and yields, per forward batch,
   ``{layer: (x [n, d_in], y [n, d_out])}`` at the configured sites. The forward pass stops right
   after the last activation needed (a hook raises :class:`~mechfaith.lm.adapters.StopForward`), so
   collecting layer 15 of 30 costs about half a forward pass.
 - :class:`ShuffleBuffer` mixes rows from many contexts: memory is bounded by its capacity, not by
   the corpus.
-- :func:`write_activation_cache` stores the shuffled pairs on disk, one folder per layer of
-  safetensors shards (``x``, ``y``) plus ``index.json`` (sizes, sites, SHA-256 of each shard), so
-  several coders and sweeps train from one collection.
-- Batch streams (``next_batch() -> (x, y)``, ``state_dict()``, ``load_state_dict()``) feed the
-  trainer: :class:`CachedActivationStream` (from disk; exactly resumable) and
-  :class:`ModelActivationStream` (straight from the model; resumes at the next unread context with
-  an empty buffer).
+- :class:`ModelActivationStream`: a batch stream for the trainer (``next_batch() -> (x, y)``,
+  ``state_dict()``, ``load_state_dict()``) straight from the model; resumes at the next unread
+  context with an empty buffer.
+- :func:`hash_keys` / :func:`seeded_perm`: stable seeds and permutations shared with the on-disk
+  cache's stream (:mod:`mechfaith.lm.activation_cache`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechfaith.atomic import atomic_dir
-from mechfaith.coders.files import read_json, sha256_file, write_tensors
-from mechfaith.configs import config_to_dict, doc
-from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.jsonio import write_json
+from mechfaith.configs import doc
+from mechfaith.errors import ConfigError
 from mechfaith.lm.adapters import INPUT_SITES, OUTPUT_SITES, ModelAdapter, get_adapter
 
-log = logging.getLogger(__name__)
-
-FORMAT = "mechfaith.activations"
-FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,7 +72,8 @@ class ActivationConfig:
 
 
 # ---------------------------------------------------------------------- collection
-def _check_contexts(contexts: Tensor) -> Tensor:
+def check_contexts(contexts: Tensor) -> Tensor:
+    """``contexts`` if it is a non-empty int64 tensor [n_contexts, context_length]; else ConfigError."""
     if not isinstance(contexts, Tensor) or contexts.ndim != 2 or contexts.dtype != torch.long:
         raise ConfigError("contexts must be an int64 tensor [n_contexts, context_length]")
     if contexts.shape[0] == 0:
@@ -101,7 +89,7 @@ def iter_model_activations(model: Any, contexts: Tensor, layers: Sequence[int], 
     """Per forward batch, ``{layer: (x [n, d_in], y [n, d_out])}`` with ``n = contexts x positions``
     (position 0 left out when ``exclude_bos``). Runs under ``torch.inference_mode``."""
     adapter: ModelAdapter = get_adapter(model)
-    contexts = _check_contexts(contexts)
+    contexts = check_contexts(contexts)
     if device is None:
         device = next(adapter.model.parameters()).device
     sites = [(int(l), s) for l in layers for s in (input_site, output_site)]
@@ -178,137 +166,8 @@ class ShuffleBuffer:
         return [self._release(self.size)]
 
 
-# ---------------------------------------------------------------------- disk cache
-def write_activation_cache(model: Any, contexts: Tensor, cfg: ActivationConfig, folder: str | os.PathLike[str],
-                           model_name: str = "", progress: bool = True,
-                           extra: dict[str, Any] | None = None) -> Path:
-    """Collect ``cfg.layers`` in one pass over ``contexts`` and write shuffled shards to ``folder``
-    (replaced whole, atomically). Returns the folder."""
-    adapter = get_adapter(model)
-    contexts = _check_contexts(contexts)
-    if cfg.max_contexts:
-        contexts = contexts[: cfg.max_contexts]
-    dtype = STORAGE_DTYPES[cfg.storage_dtype]
-    folder = Path(folder)
-    layers = [adapter.check_layer(int(l)) for l in cfg.layers]
-    shards: dict[str, list[dict[str, Any]]] = {str(l): [] for l in layers}
-    with atomic_dir(folder) as tmp:
-        buffers = {l: ShuffleBuffer(cfg.buffer_tokens, torch.Generator().manual_seed(cfg.seed * 1000 + l))
-                   for l in layers}
-        pending: dict[int, list[tuple[Tensor, Tensor]]] = {l: [] for l in layers}
-        pending_rows = {l: 0 for l in layers}
-        dims: dict[int, tuple[int, int]] = {}
-
-        def write_shard(layer: int, x: Tensor, y: Tensor) -> None:
-            sub = tmp / f"layer_{layer:02d}"
-            sub.mkdir(exist_ok=True)
-            name = f"shard_{len(shards[str(layer)]):05d}.safetensors"
-            digest = write_tensors(sub / name, {"x": x.to(dtype), "y": y.to(dtype)})
-            shards[str(layer)].append({"file": f"{sub.name}/{name}", "rows": int(x.shape[0]), "sha256": digest})
-
-        def take(layer: int, chunks: list[tuple[Tensor, ...]], final: bool = False) -> None:
-            for x, y in chunks:
-                pending[layer].append((x, y))
-                pending_rows[layer] += x.shape[0]
-            while pending_rows[layer] >= cfg.shard_tokens or (final and pending_rows[layer] > 0):
-                xs = torch.cat([p[0] for p in pending[layer]])
-                ys = torch.cat([p[1] for p in pending[layer]])
-                n = min(cfg.shard_tokens, xs.shape[0])
-                write_shard(layer, xs[:n], ys[:n])
-                pending[layer] = [(xs[n:], ys[n:])] if xs.shape[0] > n else []
-                pending_rows[layer] = xs.shape[0] - n
-
-        for batch in iter_model_activations(adapter, contexts, layers, cfg.input_site, cfg.output_site,
-                                            cfg.batch_contexts, cfg.exclude_bos, progress):
-            for layer, (x, y) in batch.items():
-                dims[layer] = (x.shape[1], y.shape[1])
-                take(layer, buffers[layer].add(x.cpu(), y.cpu()))
-        for layer in layers:
-            take(layer, buffers[layer].flush(), final=True)
-        index = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name,
-            "family": adapter.family.name, "layers": layers, "input_site": cfg.input_site,
-            "output_site": cfg.output_site, "d_in": dims[layers[0]][0], "d_out": dims[layers[0]][1],
-            "dtype": cfg.storage_dtype, "exclude_bos": cfg.exclude_bos,
-            "n_contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
-            "n_tokens": sum(s["rows"] for s in shards[str(layers[0])]),
-            "config": config_to_dict(cfg), "shards": shards, "extra": extra or {},
-        }
-        write_json(tmp / INDEX_NAME, index)
-    log.info("wrote %d rows x %d layers to %s", index["n_tokens"], len(layers), folder)
-    return folder
-
-
-class ActivationCache:
-    """A folder written by :func:`write_activation_cache`."""
-
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = Path(folder)
-        index_path = self.folder / INDEX_NAME
-        if not index_path.is_file():
-            raise CoderFileError(self.folder, f"no {INDEX_NAME}: not an activation cache")
-        index = read_json(index_path)
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise CoderFileError(index_path, f"not an activation cache (format is not {FORMAT!r})")
-        if index.get("format_version") != FORMAT_VERSION:
-            raise CoderFileError(index_path, f"activation cache version {index.get('format_version')!r} "
-                                             f"is not supported (this mechfaith reads {FORMAT_VERSION})")
-        self.index = index
-        self.layers: list[int] = [int(l) for l in index["layers"]]
-        self.n_tokens: int = int(index["n_tokens"])
-        self.d_in: int = int(index["d_in"])
-        self.d_out: int = int(index["d_out"])
-
-    def shards(self, layer: int) -> list[dict[str, Any]]:
-        try:
-            return self.index["shards"][str(int(layer))]
-        except KeyError:
-            raise ConfigError(f"layer {layer} is not in the activation cache (it has {self.layers})") from None
-
-    def read_shard(self, layer: int, i: int, verify: bool = False) -> tuple[Tensor, Tensor]:
-        """Shard ``i`` of ``layer`` as float32 tensors (x, y)."""
-        info = self.shards(layer)[i]
-        path = self.folder / info["file"]
-        if not path.is_file():
-            raise CoderFileError(path, "shard file missing")
-        if verify and sha256_file(path) != info["sha256"]:
-            raise CoderFileError(path, "checksum mismatch: the shard is truncated or corrupt")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                x, y = fh.get_tensor("x"), fh.get_tensor("y")
-        except Exception as exc:  # safetensors raises several types
-            raise CoderFileError(path, f"not a readable shard ({type(exc).__name__}: {exc})") from None
-        if x.shape[0] != info["rows"] or y.shape[0] != info["rows"]:
-            raise CoderFileError(path, f"has {x.shape[0]} rows, index says {info['rows']}")
-        return x.float(), y.float()
-
-    def load(self, layer: int, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
-        """All (or the first ``max_rows``) rows of ``layer`` in memory."""
-        xs, ys, n = [], [], 0
-        for i in range(len(self.shards(layer))):
-            x, y = self.read_shard(layer, i)
-            xs.append(x)
-            ys.append(y)
-            n += x.shape[0]
-            if max_rows is not None and n >= max_rows:
-                break
-        x, y = torch.cat(xs), torch.cat(ys)
-        return (x[:max_rows], y[:max_rows]) if max_rows is not None else (x, y)
-
-    def verify(self) -> None:
-        """Check every shard's SHA-256; raise :class:`CoderFileError` on the first damaged one."""
-        for layer in self.layers:
-            for info in self.shards(layer):
-                path = self.folder / info["file"]
-                if not path.is_file() or sha256_file(path) != info["sha256"]:
-                    raise CoderFileError(path, "missing, truncated or corrupt shard")
-
-    def stream(self, layer: int, batch_size: int = 1024, seed: int = 0,
-               device: str | torch.device = "cpu") -> "CachedActivationStream":
-        return CachedActivationStream(self, layer, batch_size, seed, device)
-
-
-def _perm(n: int, *keys: int) -> Tensor:
+def seeded_perm(n: int, *keys: int) -> Tensor:
+    """A random permutation of ``range(n)`` seeded by :func:`hash_keys` of ``keys``."""
     g = torch.Generator().manual_seed(hash_keys(*keys))
     return torch.randperm(n, generator=g)
 
@@ -319,77 +178,6 @@ def hash_keys(*keys: int) -> int:
     for k in keys:
         h = ((h ^ (int(k) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
     return h
-
-
-class CachedActivationStream:
-    """Endless ``(x, y)`` batches of one layer from an activation cache.
-
-    Epoch ``e`` visits the shards in a seeded random order and each shard's rows in a seeded random
-    order; batches run across shard and epoch boundaries. The position (epoch, shard, row) is the
-    whole state, so :meth:`load_state_dict` resumes exactly.
-    """
-
-    def __init__(self, cache: ActivationCache | str | os.PathLike[str], layer: int, batch_size: int = 1024,
-                 seed: int = 0, device: str | torch.device = "cpu") -> None:
-        self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
-        self.layer = int(layer)
-        self.n_shards = len(self.cache.shards(self.layer))
-        if self.n_shards == 0:
-            raise ConfigError(f"layer {layer} has no shards")
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.device = torch.device(device)
-        self.epoch, self.shard_pos, self.row_pos = 0, 0, 0
-        self._loaded: tuple[int, int, Tensor, Tensor] | None = None  # (epoch, shard_pos, x, y)
-
-    @property
-    def d_in(self) -> int:
-        return self.cache.d_in
-
-    @property
-    def d_out(self) -> int:
-        return self.cache.d_out
-
-    def _current(self) -> tuple[Tensor, Tensor]:
-        key = (self.epoch, self.shard_pos)
-        if self._loaded is None or self._loaded[:2] != key:
-            shard = int(_perm(self.n_shards, self.seed, self.epoch)[self.shard_pos])
-            x, y = self.cache.read_shard(self.layer, shard)
-            rows = _perm(x.shape[0], self.seed, self.epoch, shard, 1)
-            self._loaded = (self.epoch, self.shard_pos, x[rows], y[rows])
-        return self._loaded[2], self._loaded[3]
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The next ``(x [batch_size, d_in], y [batch_size, d_out])`` on the stream's device."""
-        xs, ys, need = [], [], self.batch_size
-        while need > 0:
-            x, y = self._current()
-            take = min(need, x.shape[0] - self.row_pos)
-            xs.append(x[self.row_pos:self.row_pos + take])
-            ys.append(y[self.row_pos:self.row_pos + take])
-            need -= take
-            self.row_pos += take
-            if self.row_pos >= x.shape[0]:
-                self.row_pos = 0
-                self.shard_pos += 1
-                if self.shard_pos >= self.n_shards:
-                    self.shard_pos = 0
-                    self.epoch += 1
-        return torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "cached", "layer": self.layer, "seed": self.seed, "epoch": self.epoch,
-                "shard_pos": self.shard_pos, "row_pos": self.row_pos, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "cached" or int(state.get("layer", -1)) != self.layer:
-            raise ConfigError(f"stream state is for another stream ({state.get('kind')}, layer {state.get('layer')})")
-        self.seed = int(state["seed"])
-        self.epoch, self.shard_pos, self.row_pos = int(state["epoch"]), int(state["shard_pos"]), int(state["row_pos"])
-        self.batch_size = int(state.get("batch_size", self.batch_size))
-        self._loaded = None
 
 
 class ModelActivationStream:
@@ -403,7 +191,7 @@ class ModelActivationStream:
     def __init__(self, model: Any, contexts: Tensor, layer: int, cfg: ActivationConfig | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.adapter = get_adapter(model)
-        self.contexts = _check_contexts(contexts)
+        self.contexts = check_contexts(contexts)
         self.layer = self.adapter.check_layer(int(layer))
         self.cfg = cfg or ActivationConfig(layers=[layer])
         self.device = torch.device(device)
@@ -417,7 +205,7 @@ class ModelActivationStream:
         self._ready_rows = 0
 
     def _order(self) -> Tensor:
-        return _perm(self.contexts.shape[0], self.cfg.seed, self.epoch, 2)
+        return seeded_perm(self.contexts.shape[0], self.cfg.seed, self.epoch, 2)
 
     def _fill(self) -> None:
         order = self._order()

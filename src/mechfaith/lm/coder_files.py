@@ -1,10 +1,10 @@
 """Opening trained coders wherever they come from, with where they sit in the model.
 
 :func:`open_coder` reads a mechfaith coder folder (or a run folder holding ``coder/``), a SAELens
-folder or a released GPT-2 transcoder ``.pt`` (:mod:`mechfaith.lm.formats`) into a
-:class:`CoderRef` (the coder, its model, layer, sites and training corpus when recorded);
-:func:`default_eval_path` is where ``eval.json`` goes; :func:`coder_corpus_with_source` the
-coder's corpus with another text source.
+folder (:mod:`mechfaith.lm.saelens`) or a released GPT-2 transcoder ``.pt``
+(:mod:`mechfaith.lm.gpt2_transcoders`) into a :class:`CoderRef` (the coder, its model, layer, sites
+and training corpus when recorded); :func:`default_eval_path` is where ``eval.json`` goes;
+:func:`coder_corpus_with_source` the coder's corpus with another text source.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.files import load_coder, read_json
 from mechfaith.configs import config_from_dict
 from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.formats import import_gpt2_transcoder, import_saelens
+from mechfaith.lm.gpt2_transcoders import import_gpt2_transcoder
+from mechfaith.lm.saelens import import_saelens
 
 CODER_DIR = "coder"
 EVAL_JSON = "eval.json"

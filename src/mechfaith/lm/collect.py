@@ -1,5 +1,5 @@
 """``mechfaith lm collect``: a model's (input, output) pairs of one or several layers over the
-training split of a corpus -> an activation cache folder (:mod:`mechfaith.lm.activations`) with
+training split of a corpus -> an activation cache folder (:mod:`mechfaith.lm.activation_cache`) with
 ``collect.json`` (:class:`CollectResult`) inside it; :func:`cache_matches` tells whether a folder
 already holds a cache collected with given settings.
 """
@@ -17,7 +17,8 @@ from typing import Any
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.jsonio import json_safe, write_json
-from mechfaith.lm.activations import INDEX_NAME, ActivationCache, ActivationConfig, write_activation_cache
+from mechfaith.lm.activation_cache import INDEX_NAME, ActivationCache, write_activation_cache
+from mechfaith.lm.activations import ActivationConfig
 from mechfaith.lm.adapters import ModelAdapter
 from mechfaith.lm.config import LMConfig
 from mechfaith.lm.corpus import CorpusConfig, get_corpus

@@ -25,7 +25,7 @@ from mechfaith.coders.init import init_from_data
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
-from mechfaith.lm.activations import ActivationCache, CachedActivationStream
+from mechfaith.lm.activation_cache import ActivationCache, CachedActivationStream
 from mechfaith.lm.coder_files import CODER_DIR
 from mechfaith.lm.collect import cache_matches, collect
 from mechfaith.lm.config import LMCoderConfig, LMConfig

@@ -228,25 +228,10 @@ def run_toy(cfg: ToyConfig, *, progress: bool = True) -> ToyRun:
         torch.set_num_threads(previous)
 
 
-def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    mlp = AbsMLP(cfg.d)
-    p = datapoint(cfg.d, cfg.n_ones)
-    specs = member_specs(cfg)
-    log.info("toy: training %d coders at once for %d steps", len(specs), cfg.steps)
-    grid = train_grid(specs, mlp, p, n_latents=cfg.n_latents, density=cfg.density, steps=cfg.steps,
-                      batch=cfg.batch, lr=cfg.lr, tanh_c=cfg.tanh_c, n_probes=cfg.n_probes,
-                      sparsity_warmup_frac=cfg.sparsity_warmup_frac,
-                      resample_every=cfg.resample_every, resample_until_frac=cfg.resample_until_frac,
-                      data_seed=cfg.seed + 10_000,
-                      progress=progress, desc=f"toy: {len(specs)} coders")
-    t_train = time.perf_counter() - t0
-    x_val = sample_sparse((cfg.val_samples, cfg.d), cfg.density,
-                          torch.Generator().manual_seed(cfg.seed + 20_000))
-    per_member = [measure(grid.coder.member_coder(g), mlp, p, x_val, cfg.datapoint_threshold)
-                  for g in range(len(specs))]
-
+def _setting_summaries(specs: list[MemberSpec], per_member: list[MemberMetrics], grid: GridResult,
+                       ) -> tuple[dict[str, Any], dict[str, SparseCoder]]:
+    """Per setting present: its spec, seeds and each metric's mean / std / per-seed values; and
+    its example coder (the member of its first seed)."""
     settings: dict[str, Any] = {}
     examples: dict[str, SparseCoder] = {}
     for name in MAIN_SETTINGS + EXTRA_SETTINGS:
@@ -270,6 +255,49 @@ def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
         entry["seeds_with_datapoint_feature"] = sum(m.n_datapoint_features > 0 for m in ms)
         settings[name] = entry
         examples[name] = grid.coder.member_coder(idx[0])
+    return settings, examples
+
+
+def _scan_summary(cfg: ToyConfig, specs: list[MemberSpec], per_member: list[MemberMetrics]) -> dict[str, Any]:
+    """The repeat_frac x sparsity_coef scan: memorization per cell (mean, std, seeds) and its
+    Spearman correlations with the product and with each axis."""
+    rows, cols = cfg.scan_repeat_fracs, cfg.scan_sparsity_coefs
+    scan_idx = [g for g, s in enumerate(specs) if s.setting == "scan"]
+    mem = np.array([per_member[g].memorization for g in scan_idx]).reshape(len(rows), len(cols), cfg.scan_seeds) \
+        if scan_idx else np.zeros((len(rows), len(cols), 1))
+    grid_mean = mem.mean(-1)
+    rf_grid = np.array(rows)[:, None] * np.ones(len(cols))[None, :]
+    lam_grid = np.ones(len(rows))[:, None] * np.array(cols)[None, :]
+    return {
+        "repeat_frac": list(rows), "sparsity_coef": list(cols),
+        "memorization": grid_mean.tolist(), "memorization_std": mem.std(-1).tolist(),
+        "memorization_seeds": mem.tolist(),
+        "spearman": {"product": spearman(grid_mean, rf_grid * lam_grid),
+                     "repeat_frac": spearman(grid_mean, rf_grid),
+                     "sparsity_coef": spearman(grid_mean, lam_grid)},
+    }
+
+
+def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    mlp = AbsMLP(cfg.d)
+    p = datapoint(cfg.d, cfg.n_ones)
+    specs = member_specs(cfg)
+    log.info("toy: training %d coders at once for %d steps", len(specs), cfg.steps)
+    grid = train_grid(specs, mlp, p, n_latents=cfg.n_latents, density=cfg.density, steps=cfg.steps,
+                      batch=cfg.batch, lr=cfg.lr, tanh_c=cfg.tanh_c, n_probes=cfg.n_probes,
+                      sparsity_warmup_frac=cfg.sparsity_warmup_frac,
+                      resample_every=cfg.resample_every, resample_until_frac=cfg.resample_until_frac,
+                      data_seed=cfg.seed + 10_000,
+                      progress=progress, desc=f"toy: {len(specs)} coders")
+    t_train = time.perf_counter() - t0
+    x_val = sample_sparse((cfg.val_samples, cfg.d), cfg.density,
+                          torch.Generator().manual_seed(cfg.seed + 20_000))
+    per_member = [measure(grid.coder.member_coder(g), mlp, p, x_val, cfg.datapoint_threshold)
+                  for g in range(len(specs))]
+
+    settings, examples = _setting_summaries(specs, per_member, grid)
 
     lib = abs_library(p)
     sample = library_sample(p, cfg.library_samples, cfg.density, 0.05, seed=cfg.seed + 30_000)
@@ -292,21 +320,7 @@ def _run_toy(cfg: ToyConfig, progress: bool) -> ToyRun:
         settings[name]["other_feature_residual"] = float(np.nanmean(other)) if not np.isnan(other).all() else None
         settings[name]["features_on_datapoint_circuit_seeds"] = on_dp
 
-    rows, cols = cfg.scan_repeat_fracs, cfg.scan_sparsity_coefs
-    scan_idx = [g for g, s in enumerate(specs) if s.setting == "scan"]
-    mem = np.array([per_member[g].memorization for g in scan_idx]).reshape(len(rows), len(cols), cfg.scan_seeds) \
-        if scan_idx else np.zeros((len(rows), len(cols), 1))
-    grid_mean = mem.mean(-1)
-    rf_grid = np.array(rows)[:, None] * np.ones(len(cols))[None, :]
-    lam_grid = np.ones(len(rows))[:, None] * np.array(cols)[None, :]
-    scan = {
-        "repeat_frac": list(rows), "sparsity_coef": list(cols),
-        "memorization": grid_mean.tolist(), "memorization_std": mem.std(-1).tolist(),
-        "memorization_seeds": mem.tolist(),
-        "spearman": {"product": spearman(grid_mean, rf_grid * lam_grid),
-                     "repeat_frac": spearman(grid_mean, rf_grid),
-                     "sparsity_coef": spearman(grid_mean, lam_grid)},
-    }
+    scan = _scan_summary(cfg, specs, per_member)
     metrics = {
         "config": config_to_dict(cfg),
         "definitions": DEFINITIONS,

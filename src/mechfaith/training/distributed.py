@@ -314,7 +314,7 @@ _SAME_KEYS = ("format", "format_version", "layers", "input_site", "output_site",
 def merge_activation_parts(folder: str | os.PathLike[str], n_parts: int) -> Path:
     """Write ``folder/index.json`` listing the shards of ``folder/rank_000 .. rank_{n-1}``.
 
-    Each part is an activation cache (``mechfaith.lm.activations.write_activation_cache``); the
+    Each part is an activation cache (``mechfaith.lm.activation_cache.write_activation_cache``); the
     merged index is the first part's with every shard path prefixed by its part's folder and the
     token and context counts summed, so ``ActivationCache(folder)`` reads all parts as one.
     """

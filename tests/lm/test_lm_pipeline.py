@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from mechfaith.coders import CoderConfig, SparseCoder  # noqa: E402
 from mechfaith.coders.files import load_coder  # noqa: E402
 from mechfaith.errors import ConfigError  # noqa: E402
-from mechfaith.lm.activations import ActivationCache, CachedActivationStream  # noqa: E402
+from mechfaith.lm.activation_cache import ActivationCache, CachedActivationStream  # noqa: E402
 from mechfaith.lm.collect import CollectResult, collect  # noqa: E402
 from mechfaith.lm.config import LMCoderConfig, LMConfig, lm_train_config  # noqa: E402
 from mechfaith.lm.corpus import (  # noqa: E402

@@ -8,7 +8,7 @@ from mechfaith.circuits.nodes import Node
 from mechfaith.circuits.replacement import record_run
 from mechfaith.circuits.search import SearchConfig, search_paths
 from mechfaith.reports.graph_viewer import graph_html, write_graph_html
-from test_circuits_attribution import N_LAYERS, SEQ, make_setup
+from tests.circuits.test_circuits_attribution import N_LAYERS, SEQ, make_setup
 
 
 def small_graph():
@@ -30,7 +30,7 @@ def test_graph_json_round_trip_and_escaping(tmp_path):
 
 
 def test_viewer_renders_in_chromium(tmp_path):
-    from browser import BrowserSession, require_browser
+    from tests.browser import BrowserSession, require_browser
     require_browser()
     g = small_graph()
     page = tmp_path / "graph.html"

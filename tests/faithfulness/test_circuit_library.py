@@ -9,7 +9,7 @@ from mechfaith.errors import ConfigError, InputError
 from mechfaith.faithfulness.circuit_library import CircuitLibrary, decompose, nonneg_lasso
 from mechfaith.toy.data import datapoint
 from mechfaith.toy.library import abs_library, library_sample
-from test_memorization import D, ideal_coder, plant_datapoint
+from tests.faithfulness.test_memorization import D, ideal_coder, plant_datapoint
 
 
 def _kkt_ok(A, v, c, alpha, tol=1e-6):

@@ -2,17 +2,14 @@
 headless Chromium (no console errors, every figure loads)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from browser import open_page, require_browser  # noqa: E402
-from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report  # noqa: E402
-from mechfaith.reports.faithfulness_report import faithfulness_html, write_faithfulness_html  # noqa: E402
-from test_faithfulness_instruments import planted_case  # noqa: E402
+from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report
+from mechfaith.reports.faithfulness_report import faithfulness_html, write_faithfulness_html
+from tests.browser import open_page, require_browser
+from tests.faithfulness.test_faithfulness_instruments import planted_case
 
 torch.set_num_threads(1)
 

@@ -150,7 +150,8 @@ def test_single_process_context_without_torchrun(monkeypatch):
 
 def test_collection_split_by_rank_reads_as_one_cache(tmp_path: Path):
     pytest.importorskip("transformers")
-    from mechfaith.lm.activations import ActivationCache, ActivationConfig, write_activation_cache
+    from mechfaith.lm.activation_cache import ActivationCache, write_activation_cache
+    from mechfaith.lm.activations import ActivationConfig
     from mechfaith.lm.models import random_model
 
     lm = random_model("llama", n_layers=2, seed=2)

@@ -67,7 +67,7 @@ def test_html_is_self_contained_and_markdown_links_pngs(report_dir: Path):
 
 
 def test_report_opens_in_chromium_with_figures_loaded(report_dir: Path):
-    from browser import open_page, require_browser
+    from tests.browser import open_page, require_browser
 
     require_browser()
     rep = open_page(report_dir / "report.html", selectors=("img", "table tr", "figure"),

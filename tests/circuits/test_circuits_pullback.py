@@ -9,7 +9,7 @@ import torch
 from mechfaith.circuits.attribution import Attributor
 from mechfaith.circuits.pullback import de_embedding, logit_effects, pullback, read_direction, top_k
 from mechfaith.circuits.replacement import record_run
-from test_circuits_attribution import SEQ, Reference, make_setup
+from tests.circuits.test_circuits_attribution import SEQ, Reference, make_setup
 
 
 def test_pullback_and_de_embedding_match_attribution():

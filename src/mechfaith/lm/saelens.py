@@ -1,4 +1,4 @@
-"""Coder file formats of other tools: SAELens folders and the released GPT-2 transcoders.
+"""SAELens coder folders: export and import, and the :class:`ImportedCoder` every importer returns.
 
 SAELens layout (a folder with ``cfg.json`` and ``sae_weights.safetensors``):
     tensors ``W_enc`` [d_in, d_sae], ``b_enc``, ``W_dec`` [d_sae, d_out], ``b_dec``; ``threshold``
@@ -12,43 +12,28 @@ SAELens layout (a folder with ``cfg.json`` and ``sae_weights.safetensors``):
     (``activation_fn_str``, ``activation_fn_kwargs``, ``hook_point``), folds
     ``apply_b_dec_to_input`` into ``b_enc`` and refuses activation normalisation.
 
-Released GPT-2 transcoders (Dunefsky et al., ``pchlenski/gpt2-transcoders``): files
-``final_sparse_autoencoder_gpt2-small_blocks.{L}.ln2.hook_normalized_24576.pt``, a ``torch.save``
-zip of ``{"cfg": LanguageModelSAERunnerConfig, "state_dict": {W_enc [768, 24576], b_enc, W_dec
-[24576, 768], b_dec [768], b_dec_out [768]}}`` computing ``relu((x - b_dec) W_enc + b_enc) W_dec +
-b_dec_out``. They are read with a restricted unpickler (never ``torch.load``): only tensor-rebuild
-functions, storage types, dtypes, ``torch.device``, ``OrderedDict`` and plain containers are
-accepted; the config's class becomes a plain dict; a call to anything else (``os.system``...)
-is refused before anything runs. Convention mapping: the transcoders were trained on
-TransformerLens-processed GPT-2 (LayerNorm folded into the next weights, writing weights centred),
-so on a Hugging Face GPT-2 their input is ``mlp_in_normalized`` (ln_2's input normalised, before
-its affine) and their output is ``mlp_out_centered`` (the MLP output minus its mean over d_model),
-which may replace ``mlp_out`` directly because every reader of the residual stream is a LayerNorm.
-``b_dec`` is folded into the encoder bias: ``b_enc' = b_enc - b_dec W_enc``.
+:class:`ImportedCoder` (a coder with the layer and sites it belongs to) is also what the released
+GPT-2 transcoders' importer (:mod:`mechfaith.lm.gpt2_transcoders`) returns; :func:`parse_hook`
+reads a TransformerLens hook name.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
 import re
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from mechfaith.atomic import atomic_dir
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import read_json, read_tensors, write_tensors
 from mechfaith.configs import config_from_dict, config_to_dict
-from mechfaith.errors import CoderFileError, ConfigError, MechfaithError
+from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.jsonio import write_json
 
 log = logging.getLogger(__name__)
@@ -61,10 +46,6 @@ _SITE_TO_HOOK = {"resid_pre": "hook_resid_pre", "mlp_in": "ln2.hook_normalized",
 _HOOK_TO_SITE = {"hook_resid_pre": "resid_pre", "ln2.hook_normalized": "mlp_in_normalized",
                  "hook_mlp_in": "mlp_in", "hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post",
                  "hook_resid_mid": "resid_pre"}
-
-
-class UnsafePickleError(MechfaithError):
-    """A pickle asked for something outside the allowed set; nothing from it was run."""
 
 
 @dataclass
@@ -88,7 +69,6 @@ def parse_hook(name: str | None) -> tuple[int | None, str | None]:
     return int(m.group(1)), _HOOK_TO_SITE.get(m.group(2))
 
 
-# ---------------------------------------------------------------------- SAELens
 def _saelens_architecture(cfg: CoderConfig) -> str:
     tc = cfg.kind == "transcoder"
     if cfg.skip:
@@ -228,188 +208,3 @@ def import_saelens(folder: str | os.PathLike[str]) -> ImportedCoder:
                                                           f"expected {tuple(expected[name].shape)}")
     coder.load_state_dict(state)
     return ImportedCoder(coder.eval(), layer, input_site, output_site, raw)
-
-
-# ---------------------------------------------------------------------- restricted unpickling
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-_DTYPE_NAMES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                "uint8", "bool", "float", "double", "half", "long", "int"}
-_DENIED_MODULES = ("os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil",
-                   "importlib", "socket", "pickle", "marshal", "runpy", "code", "codecs", "ctypes",
-                   "io", "pty", "platform", "webbrowser", "types", "functools", "operator", "torch",
-                   "numpy", "pathlib", "tempfile", "glob", "multiprocessing", "threading", "asyncio")
-
-
-@dataclass(frozen=True)
-class _StorageRef:
-    dtype: torch.dtype
-
-
-class _StubMeta(type):
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # a REDUCE on a stub: refuse
-        raise UnsafePickleError(f"the pickle calls {cls.__qualname__}(...), which is not allowed")
-
-
-class _Stub(metaclass=_StubMeta):
-    """Stands in for a pickled object of a foreign class; keeps its state as plain data."""
-
-    _pickled_name = ""
-
-    def __setstate__(self, state: Any) -> None:
-        object.__setattr__(self, "_state", state)
-
-
-def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, requires_grad: bool = False,
-                    backward_hooks: Any = None, metadata: Any = None) -> Tensor:
-    if not isinstance(storage, Tensor):
-        raise UnsafePickleError("a tensor was rebuilt from something that is not a storage")
-    return storage.as_strided(tuple(size), tuple(stride), int(offset)).clone()
-
-
-def _rebuild_parameter(data: Tensor, requires_grad: bool = False, backward_hooks: Any = None) -> Tensor:
-    if not isinstance(data, Tensor):
-        raise UnsafePickleError("a parameter was rebuilt from something that is not a tensor")
-    return data
-
-
-def _device(*args: Any) -> str:
-    return ":".join(str(a) for a in args)
-
-
-def _plain(obj: Any) -> Any:
-    """Stubs -> dicts (with their class name), containers recursively; tensors kept."""
-    if isinstance(obj, _Stub):
-        state = getattr(obj, "_state", {})
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
-            merged = dict(state[0] or {})
-            merged.update(state[1])
-            state = merged
-        out = {"__class__": type(obj)._pickled_name}
-        if isinstance(state, dict):
-            out.update({str(k): _plain(v) for k, v in state.items()})
-        else:
-            out["state"] = _plain(state)
-        return out
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
-    return obj
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.path = archive, prefix, path
-        self._stubs: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageRef(_STORAGE_DTYPES[name])
-        if module == "torch" and name in _DTYPE_NAMES:
-            return getattr(torch, name)
-        if module == "torch" and name == "device":
-            return _device
-        if module == "builtins" and name in ("set", "frozenset"):
-            return {"set": set, "frozenset": frozenset}[name]
-        root = module.split(".")[0]
-        if root in _DENIED_MODULES or not re.fullmatch(r"[A-Z][A-Za-z0-9_]*", name):
-            raise UnsafePickleError(f"{self.path}: the pickle refers to {module}.{name}, which is not "
-                                    f"allowed (only tensors, plain containers and config objects)")
-        key = (module, name)
-        if key not in self._stubs:
-            self._stubs[key] = _StubMeta(name, (_Stub,), {"_pickled_name": f"{module}.{name}"})
-        return self._stubs[key]
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafePickleError(f"{self.path}: unexpected persistent id {pid!r:.80}")
-        _, ref, key, _location, numel = pid
-        if not isinstance(ref, _StorageRef):
-            raise UnsafePickleError(f"{self.path}: storage of unknown type {ref!r:.80}")
-        entry = f"{self.prefix}/data/{key}"
-        try:
-            raw = self.archive.read(entry)
-        except KeyError:
-            raise CoderFileError(self.path, f"storage {entry} is missing from the archive") from None
-        flat = torch.frombuffer(bytearray(raw), dtype=ref.dtype) if raw else torch.empty(0, dtype=ref.dtype)
-        if flat.numel() != int(numel):
-            raise CoderFileError(self.path, f"storage {key} holds {flat.numel()} values, expected {numel}")
-        return flat
-
-
-def safe_torch_load(path: str | os.PathLike[str]) -> Any:
-    """Read a ``torch.save`` zip file with the restricted unpickler (no code from the file runs).
-    Foreign config objects come back as dicts with a ``__class__`` entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise CoderFileError(path, "file not found")
-    if not zipfile.is_zipfile(path):
-        raise CoderFileError(path, "not a torch.save zip archive (legacy or plain pickles are refused)")
-    with zipfile.ZipFile(path) as archive:
-        pkls = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkls) != 1:
-            raise CoderFileError(path, "not a torch.save archive (no single */data.pkl)")
-        prefix = pkls[0].rsplit("/", 1)[0]
-        byteorder = f"{prefix}/byteorder"
-        if byteorder in archive.namelist() and archive.read(byteorder).strip() not in (b"little",):
-            raise CoderFileError(path, "big-endian tensor data is not supported")
-        unpickler = _RestrictedUnpickler(archive.read(pkls[0]), archive, prefix, str(path))
-        try:
-            obj = unpickler.load()
-        except UnsafePickleError:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                KeyError, RuntimeError) as exc:
-            raise CoderFileError(path, f"unreadable pickle ({type(exc).__name__}: {exc})") from None
-    return _plain(obj)
-
-
-# ---------------------------------------------------------------------- released GPT-2 transcoders
-_LEGACY_NAME = re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")
-
-
-def import_gpt2_transcoder(path: str | os.PathLike[str]) -> ImportedCoder:
-    """Read a released GPT-2 transcoder ``.pt`` (see the module docstring for the convention)."""
-    path = Path(path)
-    obj = safe_torch_load(path)
-    if not isinstance(obj, dict) or "state_dict" not in obj:
-        raise CoderFileError(path, "expected a dict with 'cfg' and 'state_dict'")
-    sd, cfg = obj["state_dict"], obj.get("cfg") or {}
-    if not isinstance(sd, dict):
-        raise CoderFileError(path, "'state_dict' is not a mapping")
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out"):
-        if not isinstance(sd.get(name), Tensor):
-            raise CoderFileError(path, f"state_dict has no tensor {name!r}")
-    W_enc, b_enc, W_dec = sd["W_enc"].double(), sd["b_enc"].double(), sd["W_dec"].double()
-    b_dec, b_dec_out = sd["b_dec"].double(), sd["b_dec_out"].double()
-    d_in, n = W_enc.shape
-    d_out = W_dec.shape[1]
-    if W_dec.shape[0] != n or b_enc.shape != (n,) or b_dec.shape != (d_in,) or b_dec_out.shape != (d_out,):
-        raise CoderFileError(path, "tensor shapes are inconsistent")
-    coder = SparseCoder(CoderConfig(d_in=d_in, n_latents=n, d_out=d_out, kind="transcoder", activation="relu"))
-    with torch.no_grad():
-        coder.W_enc.copy_(W_enc.float())
-        coder.b_enc.copy_((b_enc - b_dec @ W_enc).float())
-        coder.W_dec.copy_(W_dec.float())
-        coder.b_dec.copy_(b_dec_out.float())
-    layer = None
-    hook = cfg.get("hook_point") if isinstance(cfg, dict) else None
-    m = _LEGACY_NAME.search(str(hook or "")) or _LEGACY_NAME.search(path.name)
-    if m:
-        layer = int(m.group(1))
-    source = {k: v for k, v in cfg.items() if not isinstance(v, Tensor)} if isinstance(cfg, dict) else {}
-    return ImportedCoder(coder.eval(), layer, "mlp_in_normalized", "mlp_out_centered", source)

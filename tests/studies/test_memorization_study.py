@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from browser import open_page, require_browser  # noqa: E402
 from mechfaith.coders import CoderConfig, SparseCoder  # noqa: E402
 from mechfaith.errors import ConfigError  # noqa: E402
 from mechfaith.lm.config import LMConfig  # noqa: E402
@@ -27,6 +26,7 @@ from mechfaith.studies import memorization as exp_mod  # noqa: E402
 from mechfaith.studies.memorization import ExperimentConfig, findings, run_experiment, summarize  # noqa: E402
 from mechfaith.studies.memorization_data import build_experiment_data  # noqa: E402
 from mechfaith.studies.memorization_metrics import passage_features, spliced_ce  # noqa: E402
+from tests.browser import open_page, require_browser  # noqa: E402
 
 torch.set_num_threads(1)
 WORDS = "the king queen lord love death night day sword crown heart blood".split()

@@ -16,13 +16,9 @@ import torch
 from mechfaith.coders import CoderConfig, SparseCoder
 from mechfaith.coders.files import write_tensors
 from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.lm.formats import (
-    UnsafePickleError,
-    export_saelens,
-    import_gpt2_transcoder,
-    import_saelens,
-    safe_torch_load,
-)
+from mechfaith.lm.gpt2_transcoders import import_gpt2_transcoder
+from mechfaith.lm.saelens import export_saelens, import_saelens
+from mechfaith.lm.safe_unpickle import UnsafePickleError, safe_torch_load
 
 torch.set_num_threads(1)
 

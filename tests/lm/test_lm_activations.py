@@ -6,14 +6,16 @@ import torch
 pytest.importorskip("transformers")
 
 from mechfaith.errors import CoderFileError, ConfigError  # noqa: E402
-from mechfaith.lm.activations import (  # noqa: E402
+from mechfaith.lm.activation_cache import (  # noqa: E402
     ActivationCache,
-    ActivationConfig,
     CachedActivationStream,
+    write_activation_cache,
+)
+from mechfaith.lm.activations import (  # noqa: E402
+    ActivationConfig,
     ModelActivationStream,
     ShuffleBuffer,
     iter_model_activations,
-    write_activation_cache,
 )
 from mechfaith.lm.models import random_model  # noqa: E402
 

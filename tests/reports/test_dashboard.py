@@ -8,7 +8,7 @@ from mechfaith.circuits.dashboard_data import collect_activations, feature_dashb
 from mechfaith.circuits.parts import model_parts
 from mechfaith.circuits.pullback import de_embedding
 from mechfaith.reports.dashboard import write_dashboards
-from test_circuits_attribution import make_setup
+from tests.circuits.test_circuits_attribution import make_setup
 
 
 def setup():
@@ -42,7 +42,7 @@ def test_dashboard_numbers():
 
 
 def test_dashboard_pages_render_in_chromium(tmp_path):
-    from browser import open_page, require_browser
+    from tests.browser import open_page, require_browser
     require_browser()
     lm, tcs, contexts = setup()
     ds = feature_dashboards(lm.model, tcs, contexts, [(2, 7), (1, 3)], lambda t: f"<{t}>", k=5)
