@@ -21,7 +21,7 @@ T = TypeVar("T")
 def doc(help: str, default: Any = dataclasses.MISSING, *, choices: Sequence[Any] | None = None,
         default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its documentation (and, optionally, the allowed values)."""
-    meta = {"help": help}
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if default_factory is not dataclasses.MISSING:
@@ -86,7 +86,7 @@ def coerce_value(cls: type, f: dataclasses.Field, value: Any) -> Any:
         elif tp is str:
             if not isinstance(value, str):
                 raise ValueError(value)
-        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = config_from_dict(tp, value)
         elif typing.get_origin(tp) in (list, tuple):
             if isinstance(value, str):

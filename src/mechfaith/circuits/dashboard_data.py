@@ -120,6 +120,11 @@ def feature_dashboards(model: Any, transcoders: Mapping[int, Transcoder], contex
                 prev = max(earlier)
                 d["pullback_layer"] = prev
                 d["pullbacks"] = top_k(pullback(parts, tc, idx, transcoders[prev]), k).table(
-                    lambda i, prev=prev: f"mlp{prev}tc[{i}]")
+                    _latent_label(prev))
         out.append(d)
     return out
+
+
+def _latent_label(layer: int) -> Callable[[int], str]:
+    """Labels ``mlp{layer}tc[i]`` for the latents of the transcoder at ``layer``."""
+    return lambda i: f"mlp{layer}tc[{i}]"

@@ -74,11 +74,11 @@ def build_graph(result: SearchResult, *, n_layers: int, tokens: list[int] | None
             e["direct"] = w * pn["activation"] / pn["attribution"] if not pn["is_root"] else w
         edge_list.append(e)
     for name, b in breakdown.items():
-        parent = nodes[name]
+        pnode = nodes[name]
         for kind in ERROR_KINDS:
             ename = f"{name}:{kind}"
-            node_list.append({"name": ename, "kind": f"err_{kind}", "layer": parent["layer"],
-                              "pos": parent["pos"], "index": -1, "coord": parent["coord"],
+            node_list.append({"name": ename, "kind": f"err_{kind}", "layer": pnode["layer"],
+                              "pos": pnode["pos"], "index": -1, "coord": pnode["coord"],
                               "attribution": b[kind], "occurrences": 1, "expanded": False,
                               "is_root": False, "error_of": name})
             edge_list.append({"source": ename, "target": name, "weight": b[kind]})

@@ -21,6 +21,7 @@ the MLP of layer ``l`` between ``2l + 1`` and ``2l + 2``. A writer with index ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,15 +120,19 @@ class ModelParts:
 
     def to(self, dtype: torch.dtype) -> "ModelParts":
         def c(t: Tensor | None) -> Tensor | None:
-            return None if t is None else (t.to(dtype) if t.is_floating_point() else t)
+            return None if t is None else cr(t)
+
+        def cr(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
 
         def cn(n: Norm) -> Norm:
             return Norm(n.kind, c(n.weight), c(n.bias), n.eps)
 
         return ModelParts(self.family, self.n_layers, self.d_model, self.n_heads,
-                          [AttentionOV(c(a.W_V), c(a.b_V), c(a.W_O), c(a.b_O), a.kv_of_head) for a in self.attn],
+                          [AttentionOV(cr(a.W_V), cr(a.b_V), cr(a.W_O), cr(a.b_O), a.kv_of_head)
+                           for a in self.attn],
                           [cn(n) for n in self.ln1], [cn(n) for n in self.ln2], cn(self.ln_final),
-                          c(self.W_E), c(self.W_pos), c(self.W_U), c(self.b_U))  # type: ignore[arg-type]
+                          cr(self.W_E), c(self.W_pos), cr(self.W_U), c(self.b_U))
 
 
 def _norm(adapter: ModelAdapter, module: object) -> Norm:
@@ -137,7 +142,7 @@ def _norm(adapter: ModelAdapter, module: object) -> Norm:
                 None if b is None else b.detach(), adapter.norm_eps(module))  # type: ignore[arg-type]
 
 
-def _gpt2_ov(attn: object, d: int, n_heads: int) -> AttentionOV:
+def _gpt2_ov(attn: Any, d: int, n_heads: int) -> AttentionOV:
     dh = d // n_heads
     W = attn.c_attn.weight.detach()  # [d, 3d] (Conv1D: in, out)
     b = attn.c_attn.bias.detach()
@@ -148,7 +153,7 @@ def _gpt2_ov(attn: object, d: int, n_heads: int) -> AttentionOV:
                        torch.arange(n_heads))
 
 
-def _llama_ov(attn: object, d: int, n_heads: int, n_kv: int, dh: int) -> AttentionOV:
+def _llama_ov(attn: Any, d: int, n_heads: int, n_kv: int, dh: int) -> AttentionOV:
     Wv = attn.v_proj.weight.detach()  # [n_kv * dh, d]
     W_V = Wv.T.reshape(d, n_kv, dh).permute(1, 0, 2).contiguous()
     bv = getattr(attn.v_proj, "bias", None)

@@ -156,7 +156,11 @@ def _capture(adapter: ModelAdapter, ids: Tensor, n: int) -> tuple[dict[tuple[str
             cap[key] = t.detach()[0]
         return fn
 
-    prev = _attn_impl_eager(adapter.model)
+    final = adapter.final_norm()
+    if final is None:
+        raise ConfigError(f"{adapter.family.name} has no final norm to hook; attribution needs one")
+    model: Any = adapter.model  # a transformers model (typed as a plain nn.Module attribute)
+    prev = _attn_impl_eager(model)
     try:
         with torch.no_grad(), hooks_removed_after() as handles:
             for l in range(n):
@@ -172,12 +176,12 @@ def _capture(adapter: ModelAdapter, ids: Tensor, n: int) -> tuple[dict[tuple[str
                         raise RuntimeError("the attention module returned no pattern (not eager)")
                     cap[("pattern", l)] = out[1].detach()[0]
                 handles.append(adapter.attention(l).register_forward_hook(attn_hook))
-            handles.append(adapter.final_norm().register_forward_pre_hook(
+            handles.append(final.register_forward_pre_hook(
                 lambda m, args: put(("final", 0))(args[0])))
             logits = adapter.logits(ids[None])[0]
     finally:
         if prev is not None and prev != "eager":
-            adapter.model.set_attn_implementation(prev)
+            model.set_attn_implementation(prev)
     return cap, logits
 
 

@@ -32,7 +32,8 @@ class CircuitSession:
         tok = self.lm.tokenizer
         bos = self.lm.bos_token_id
         if tok is None:
-            ids = ByteTokenizer(int(self.lm.model.config.vocab_size), 0 if bos is None else bos)(prompt)["input_ids"]
+            config: Any = self.lm.model.config  # a transformers config (nn.Module.__getattr__: Tensor | Module)
+            ids = ByteTokenizer(int(config.vocab_size), 0 if bos is None else bos)(prompt)["input_ids"]
         else:
             ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
         if add_bos and bos is not None and (not ids or ids[0] != bos):

@@ -39,7 +39,7 @@ SWEEP_TRAIN_DEFAULTS = {"n_steps": 150}
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None (dataclass options state their own default in their help)."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
             return action.help or ""
         return super()._get_help_string(action)
@@ -208,6 +208,7 @@ def _print_eval(e: EvalResult) -> None:
           f"(BOS {fmt_value(e.l0_bos, spec='.1f')})  "
           f"dead {fmt_value(e.dead_fraction, spec='.3f')}  dense {fmt_value(e.dense_fraction, spec='.3f')}")
     if e.ce_clean is not None:
+        assert e.loss_recovered_zero is not None and e.loss_recovered_mean is not None  # set with ce_clean
         print(f"  CE clean {e.ce_clean:.4f}  spliced {e.ce_spliced:.4f} ({e.ce_increase:+.4f})  "
               f"zero-ablated {e.ce_zero_ablated:.4f}  mean-ablated {e.ce_mean_ablated:.4f}")
         print(f"  loss recovered {100 * e.loss_recovered_zero:.1f}% (vs zero-ablation), "

@@ -57,6 +57,9 @@ class CoderOutput:
 class SparseCoder(nn.Module):
     """A sparse coder (SAE when ``cfg.kind == 'sae'``, transcoder otherwise)."""
 
+    batchtopk_threshold: Tensor  # a buffer (register_buffer in __init__)
+    log_threshold: nn.Parameter | None
+
     def __init__(self, cfg: CoderConfig, *, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -280,7 +283,7 @@ class SparseCoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale decoder rows to unit norm (for ``decoder_norm == 'unit'``)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad_(self) -> None:

@@ -44,6 +44,8 @@ def init_skip_lstsq(coder: SparseCoder, x: Tensor, y: Tensor, ridge: float = 1e-
     gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     w = torch.linalg.solve(gram, xc.T @ yc)  # [d_in, d_out]
     b = my - mx @ w
+    if coder.W_skip is None:
+        raise ConfigError("init_skip_lstsq needs a coder with a skip connection (cfg.skip)")
     coder.W_skip.copy_(w.to(coder.W_skip.dtype))
     coder.b_dec.copy_(b.to(coder.b_dec.dtype))
     resid = yc - xc @ w

@@ -180,6 +180,7 @@ class SparseTopKFn(torch.autograd.Function):
         if need[1]:
             if order is None:
                 order, crow_t, col_t = _transpose(crow, col, n)
+            assert crow_t is not None and col_t is not None  # set together with order
             grad_W_enc = _spmm(crow_t, col_t, g_val[order], n, B, x).T  # [d_in, n]
             if g_pre is not None:
                 grad_W_enc = grad_W_enc + x.T @ g_pre

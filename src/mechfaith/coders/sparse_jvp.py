@@ -136,8 +136,10 @@ class SparseJvpFn(torch.autograd.Function):
             if need[5]:
                 grad_W_dec = _spmm(crow_t, col_t, t[order], n, g)  # [n, d_out]
             if need[4]:
+                assert g_t is not None  # computed above when need[4]
                 grad_W_enc = _spmm(crow_t, col_t, g_t[order], n, v).T  # [d_in, n]
         if need[0]:
+            assert g_t is not None  # computed above when need[0]
             grad_v = _spmm(crow, col, g_t, rows, W_enc.T.contiguous())
             if W_skip is not None:
                 grad_v.addmm_(g, W_skip.T)

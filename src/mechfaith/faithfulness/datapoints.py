@@ -158,6 +158,7 @@ def _near(a: Tensor, b: Tensor, keys: Tensor | None, ka: Tensor | None, kb: Tens
     """Near-identity of rows a [..., d] (unit) and b [..., d] (unit) as a bool matrix a x b."""
     sim = a @ b.transpose(-1, -2) >= thr
     if keys is not None:
+        assert ka is not None and kb is not None  # given together with keys
         same = (ka.unsqueeze(-1) == kb.unsqueeze(-2)) & (ka.unsqueeze(-1) >= 0)
         sim = sim | same
     return sim
@@ -230,13 +231,13 @@ def detect_datapoint_features(coder: SparseCoder, reference: Fn, x: Tensor, keys
             best_generic = (contrib @ g.T).max(1).values
         memo = torch.relu(along - best_generic)
         for j, i in enumerate(cands.tolist()):
+            share, memo_rel = float(mass_share[j]), float(memo[j] / y_norm[j])
             st = FeatureRepeatStats(
                 index=i, n_active=int(active[i]), top_share=float(top_share[i]), repeated_row=int(reps[j]),
-                mass_share=float(mass_share[j]), activation_at_repeat=float(f_star[j]),
+                mass_share=share, activation_at_repeat=float(f_star[j]),
                 output_share=float(along[j] / y_norm[j]), memorization=float(memo[j]),
-                memorization_rel=float(memo[j] / y_norm[j]))
-            st.flagged = (st.mass_share >= cfg.mass_threshold
-                          and st.memorization_rel >= cfg.memorization_threshold)
+                memorization_rel=memo_rel)
+            st.flagged = share >= cfg.mass_threshold and memo_rel >= cfg.memorization_threshold
             stats.append(st)
     stats.sort(key=lambda s: (-(s.mass_share or 0.0), s.index))
     return DatapointReport([s for s in stats if s.flagged], stats, top_share, active, int(xc.shape[0]), cfg)

@@ -247,6 +247,7 @@ class ModelAdapter:
         """The pre-MLP norm's affine map applied to a normalised ``z`` (``w * z (+ b)``)."""
         norm = self.pre_mlp_norm(layer)
         w = norm.weight
+        assert isinstance(w, Tensor), f"{type(norm).__name__}.weight is not a tensor"
         b = getattr(norm, "bias", None)
         if self.family.norm_kind == "rmsnorm":
             return w * z.to(w.dtype)

@@ -25,7 +25,7 @@ class LayerStats:
     l0_bos: float | None = None
     dead_fraction: float | None = None
     dense_fraction: float | None = None
-    density_histogram: dict[str, list[float]] | None = None  # {"edges": log10 edges, "counts": ...}
+    density_histogram: dict[str, list[float] | int] | None = None  # {"edges": log10 edges, "counts": ...}
 
 
 class StatsAccumulator:

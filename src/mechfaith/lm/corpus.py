@@ -155,7 +155,7 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: Any) -> list[list[in
     return out
 
 
-def pack(token_lists: Sequence[Sequence[int]], context_length: int, bos_id: int) -> Tensor:
+def pack(token_lists: Sequence[Sequence[int]], context_length: int, bos_id: int | None) -> Tensor:
     """Contexts [n, context_length] (int64): BOS then ``context_length - 1`` tokens of one document."""
     if context_length < 2:
         raise ConfigError(f"context_length must be >= 2, got {context_length}")
@@ -238,7 +238,8 @@ def model_tokenizer(lm: LoadedModel) -> tuple[Any, int | None]:
     if lm.tokenizer is not None:
         return lm.tokenizer, lm.bos_token_id
     bos = 0 if lm.bos_token_id is None else lm.bos_token_id
-    return ByteTokenizer(int(lm.model.config.vocab_size), bos), bos
+    config: Any = lm.model.config  # a transformers config (nn.Module.__getattr__ types it Tensor | Module)
+    return ByteTokenizer(int(config.vocab_size), bos), bos
 
 
 def get_corpus(lm: LoadedModel, corpus_cfg: CorpusConfig) -> Corpus:

@@ -68,7 +68,8 @@ class EvalResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str | None = None) -> EvalResult:
-        values = {f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name not in ("path", "report")}
+        values: dict[str, Any] = {f.name: data.get(f.name) for f in dataclasses.fields(cls)
+                                  if f.name not in ("path", "report")}
         return cls(**values, report=FidelityReport.from_dict(data["report"]), path=path)
 
 

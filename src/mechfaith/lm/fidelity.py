@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -239,9 +239,8 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
             ids = contexts[i:i + cfg.batch_contexts].to(device)
             captured: dict[Any, Tensor] = {}
             with hooks_removed_after() as handles:
-                for key in sites:
-                    handles.extend(adapter.hook_site(key[0], key[1],
-                                                     lambda t, k=key: captured.__setitem__(k, t)))
+                for site in sites:
+                    handles.extend(adapter.hook_site(site[0], site[1], _store_into(captured, site)))
                 if not lm:
                     handles.extend(adapter.hook_site(adapter.n_layers - 1, "resid_post",
                                                      lambda t: captured.__setitem__("final", t)))
@@ -275,6 +274,11 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
             bar.update(ids.shape[0])
     bar.close()
     return _many_result(named, groups, ablations, acc, sums, n_pred, int(contexts.numel()), layers, lm, cfg)
+
+
+def _store_into(store: dict[Any, Tensor], key: Any) -> Callable[[Tensor], None]:
+    """A hook that stores its activation as ``store[key]``."""
+    return lambda t: store.__setitem__(key, t)
 
 
 def _many_result(named: Mapping[str, list[SpliceEntry]], groups: Mapping[str, tuple[int, ...]],

@@ -143,7 +143,7 @@ def import_saelens(folder: str | os.PathLike[str]) -> ImportedCoder:
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         if name not in tensors:
             raise CoderFileError(folder / SAELENS_WEIGHTS, f"tensor {name} is missing")
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta: dict[str, Any] = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
     ours = meta.get("mechfaith") if isinstance(meta.get("mechfaith"), dict) else None
     norm = raw.get("normalize_activations", "none")
     if norm not in (None, "none"):

@@ -95,7 +95,8 @@ class TrainCoderResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainCoderResult:
-        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+        values: dict[str, Any] = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**values)
 
 
 def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: str | Path | None,
@@ -187,8 +188,8 @@ def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfi
     }
     if result.ok:
         save_coder(coder, out / CODER_DIR, training=json_safe(meta))
-    final = {k: result.final_metrics.get(k) for k in ("fve", "mse", "l0", "dead_frac", "loss", "jacobian_rel")
-             if result.final_metrics.get(k) is not None}
+    final: dict[str, float] = {k: v for k in ("fve", "mse", "l0", "dead_frac", "loss", "jacobian_rel")
+                               if (v := result.final_metrics.get(k)) is not None}
     summary = TrainCoderResult(
         **meta, coder_config=config_to_dict(ccfg), coder_folder=str(out / CODER_DIR) if result.ok else None,
         message=result.message, unique_tokens=cache.n_tokens, epochs=result.tokens_seen / max(cache.n_tokens, 1),

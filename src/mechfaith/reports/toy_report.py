@@ -32,6 +32,7 @@ COLUMNS = [("memorization", "memorization"), ("n_datapoint_features", "datapoint
 def _selected_features(run: ToyRun, name: str) -> list[int]:
     """The features active at p (largest first), then those whose best circuit is +x_j, j in supp p."""
     coder, p = run.examples[name], run.p
+    assert p is not None, "a finished ToyRun has its datapoint p"
     with torch.no_grad():
         f = coder.forward_full(p.unsqueeze(0)).f[0]
     chosen = [int(i) for i in torch.argsort(f, descending=True) if float(f[i]) > 0][:4]
@@ -47,6 +48,7 @@ def figures(run: ToyRun, out: Path) -> dict[str, dict[str, str]]:
     """Write every PNG; return {file name: {title, caption}} in display order."""
     figs: dict[str, dict[str, str]] = {}
     cfg, p = run.config, run.p
+    assert p is not None, "a finished ToyRun has its datapoint p"
     for name, dec in run.decompositions.items():
         fn = f"circuit_map_{name}.png"
         plots.circuit_map_figure(dec, f"circuit-library map: {name} (seed {cfg.seed})", out / fn)

@@ -95,7 +95,7 @@ def jacobian_error(reference: Fn, coder: SparseCoder, x: Tensor, n_probes: int, 
 @torch.no_grad()
 def spliced_ce(adapter: Any, coder: SparseCoder, contexts: Tensor, layer: int, input_site: str,
                output_site: str, *, positions: slice | None = None, batch_contexts: int = 16,
-               clean: dict[str, Tensor] | None = None) -> dict[str, float]:
+               clean: dict[int, Tensor] | None = None) -> dict[str, float]:
     """Clean and spliced next-token CE (nats/token) and KL(clean || spliced) on ``contexts``,
     over the predictions at ``positions`` (default all). ``clean``: a dict filled with / reused
     for the clean log-probs (one cell after another share them)."""
@@ -130,7 +130,7 @@ def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, 
                  output_site: str, jacobian_rows: int = 2048, n_probes: int = 4, passage_probes: int = 32,
                  exclusive_rate: float = 1e-3, detector: DatapointConfig | None = None,
                  batch_contexts: int = 16, seed: int = 0,
-                 clean_cache: dict[str, dict[str, Tensor]] | None = None) -> dict[str, Any]:
+                 clean_cache: dict[str, dict[int, Tensor]] | None = None) -> dict[str, Any]:
     """Every metric of one cell (module docstring); ``data`` is an
     :class:`~mechfaith.studies.memorization_data.ExperimentData`."""
     coder = coder.eval()

@@ -382,7 +382,8 @@ class Engine:
 
     @staticmethod
     def _result(m: EngineMember, status: str, message: str, exhausted: bool) -> TrainResult:
-        final = next((r for r in reversed(m.metrics_history) if r.get("event", "train") == "train"), {})
+        final: dict[str, Any] = next(
+            (r for r in reversed(m.metrics_history) if r.get("event", "train") == "train"), {})
         return TrainResult(status=status, steps_done=m.step_count, tokens_seen=m.tokens_seen,
                            final_metrics=dict(final), message=message, elapsed_s=m.elapsed_s,
                            stream_exhausted=exhausted, checkpoint_dir=m.checkpoint_dir, log_path=m.log_path)

@@ -53,6 +53,9 @@ class _LinearInputTangentOnly(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, W_t: Any, b_t: Any) -> Tensor:  # type: ignore[override]
         (W,) = ctx.saved_tensors
+        # autograd calls jvp only when some input carries a tangent, and apply() is only used
+        # when W and b carry none, so x does
+        assert x_t is not None
         return F.linear(x_t, W)
 
     @staticmethod

@@ -15,7 +15,7 @@ products (forward-mode autodiff), never a full Jacobian.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import Tensor
@@ -36,7 +36,8 @@ def reference_jvp_one(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tenso
     """``(reference(x), J_ref(x) v)`` for one probe ``v`` shaped like ``x`` (any leading shape, e.g.
     a stack's [K, batch, d]), with no autograd graph: no gradient reaches the reference."""
     with torch.no_grad(), linear_jvp_mode():  # nn.Linear JVPs without the zero weight-tangent matmul
-        y, jv = torch.func.jvp(reference, (x,), (v,))
+        # torch.func.jvp is typed for has_aux too (a 3-tuple); without aux it is (primal, tangent)
+        y, jv = cast(tuple[Tensor, Tensor], torch.func.jvp(reference, (x,), (v,)))
     return y, jv
 
 

@@ -71,6 +71,9 @@ def member_configs(base: CoderConfig, members: Sequence[StackMember]) -> list[Co
 class CoderStack(nn.Module):
     """K coders of one architecture with stacked weights (see the module docstring for shapes)."""
 
+    width_mask: Tensor  # buffers (register_buffer in __init__)
+    k_mask: Tensor
+
     def __init__(self, member_cfgs: Sequence[CoderConfig], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if not member_cfgs:

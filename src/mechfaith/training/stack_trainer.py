@@ -165,12 +165,16 @@ class StackTrainer(EngineMember):
         terms.total.sum().backward()
         if self.unit:
             stack.remove_parallel_decoder_grad_()
-        sq = sum(p.grad.square().reshape(p.shape[0], -1).sum(dim=1) for p in self.params)  # type: ignore[union-attr]
+        sq: Tensor | int = 0
+        for p in self.params:
+            assert p.grad is not None  # every parameter enters terms.total
+            sq = sq + p.grad.square().reshape(p.shape[0], -1).sum(dim=1)
         norms = torch.as_tensor(sq).sqrt()  # [K]
         if cfg.grad_clip > 0:
             c = (cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
             for p in self.params:
-                p.grad.mul_(c.view(-1, *([1] * (p.ndim - 1))))  # type: ignore[union-attr]
+                assert p.grad is not None  # checked above
+                p.grad.mul_(c.view(-1, *([1] * (p.ndim - 1))))
         names = ["loss", "grad_norm"]
         with torch.no_grad():
             values = [terms.total.detach(), norms.detach()]
