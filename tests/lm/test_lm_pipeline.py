@@ -212,5 +212,13 @@ def test_sweep_writes_json_and_png(corpus_cfg, tmp_path):
     assert by["sae_k8"]["fve"] > by["sae_k2"]["fve"]
     assert saved["baseline"]["ce_clean"] > 0 and "1" in saved["baseline"]["ce_mean_ablated"]
     assert all(r_["ce_spliced"] is not None for r_ in saved["runs"])
+    # the sweep trains every coder in one engine from one stream: each equals a run of its own
+    for name, kind, k in (("transcoder_k8", "transcoder", 8), ("sae_k2", "sae", 2)):
+        alone = tmp_path / f"alone_{name}"
+        train_coder(cfg, corpus_cfg, LMCoderConfig(expansion=4, kind=kind, k=k), tcfg, alone,
+                    activations=tmp_path / "sw" / "activations", sae_site="output", progress=False)
+        a, b = load_coder(alone / "coder"), load_coder(tmp_path / "sw" / "runs" / name / "coder")
+        for pname, p in a.named_parameters():
+            assert torch.equal(p, getattr(b, pname)), (name, pname)
     with pytest.raises(ConfigError):
         run_sweep(cfg, corpus_cfg, LMCoderConfig(), tcfg, [2.5], tmp_path / "bad", progress=False)

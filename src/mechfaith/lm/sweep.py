@@ -1,6 +1,8 @@
 """Pareto sweep: SAEs and transcoders at one layer over several sparsity settings, L0 vs spliced CE.
 
-One activation cache feeds every coder. Transcoders map the MLP input to its output; SAEs
+One activation cache feeds every coder, and every coder trains in one engine from one stream
+(:class:`~mechfaith.training.engine.Engine`: each keeps its own Adam, schedules and dead-latent
+state and ends exactly as it would trained alone). Transcoders map the MLP input to its output; SAEs
 reconstruct the MLP output and replace it with their reconstruction (the comparison of the
 transcoder paper's layer-8 figure). All coders are then evaluated in one pass over held-out
 contexts that shares the clean, zero-ablated and mean-ablated runs
@@ -20,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechfaith.errors import ConfigError
+from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
-from mechfaith.lm.coder_files import open_coder
 from mechfaith.lm.collect import collect
 from mechfaith.lm.config import LMCoderConfig, LMConfig
 from mechfaith.lm.corpus import CorpusConfig, eval_contexts
 from mechfaith.lm.fidelity import FidelityConfig, SpliceBaseline, SpliceEntry, SpliceFidelity, evaluate_many
 from mechfaith.lm.model_cache import get_model, resolve_layer
-from mechfaith.lm.train import ACTIVATIONS_DIR, train_coder
+from mechfaith.lm.train import ACTIVATIONS_DIR, CoderRun, finish_coder_run, prepare_coder_run
 from mechfaith.training.config import TrainConfig
+from mechfaith.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,8 @@ def run_sweep(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
     if activations is None:
         activations = out / ACTIVATIONS_DIR
         collect(cfg, corpus_cfg, activations, layers=[layer], progress=progress)
-    runs: list[dict[str, Any]] = []
-    entries: dict[str, SpliceEntry] = {}
+    settings: list[dict[str, Any]] = []
+    coder_runs: list[CoderRun] = []
     for kind in kinds:
         for value in values:
             name = f"{kind}_{param}{value_label(value)}"
@@ -162,14 +164,28 @@ def run_sweep(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
                 ccfg = dataclasses.replace(ccfg, k=int(value))
             else:
                 tcfg = dataclasses.replace(train_cfg, sparsity_coef=float(value))
-            log.info("sweep: training %s", name)
-            summary = train_coder(cfg, corpus_cfg, ccfg, tcfg, out / "runs" / name, activations=activations,
-                                  sae_site="output", progress=progress)
-            ref = open_coder(out / "runs" / name)
-            entries[name] = SpliceEntry(ref.coder.to(cfg.device), layer, str(ref.input_site), str(ref.output_site))
-            runs.append({"name": name, "kind": kind, "param": param, "value": value,
-                         "train_seconds": summary.train_seconds,
-                         "final_train_metrics": summary.final_train_metrics})
+            coder_runs.append(prepare_coder_run(cfg, corpus_cfg, ccfg, tcfg, out / "runs" / name,
+                                                activations=activations, sae_site="output", progress=progress))
+            settings.append({"name": name, "kind": kind, "param": param, "value": value})
+    # every coder trains from one read of the cache (the runs share the TrainConfig's seed and batch
+    # size, so each sees the batches it would see alone), in one engine
+    stream = coder_runs[0].stream([r.mode for r in coder_runs])
+    log.info("sweep: training %d coders together", len(coder_runs))
+    results = Engine([r.trainer for r in coder_runs], desc=f"sweep L{layer}").fit(stream)
+    runs: list[dict[str, Any]] = []
+    entries: dict[str, SpliceEntry] = {}
+    diverged: TrainingDiverged | None = None
+    for setting, run, res in zip(settings, coder_runs, results):
+        try:
+            summary = finish_coder_run(run, res)
+        except TrainingDiverged as exc:  # write every run's train.json first
+            diverged = diverged or exc
+            continue
+        entries[setting["name"]] = SpliceEntry(run.trainer.coder, layer, run.input_site, run.output_site)
+        runs.append({**setting, "train_seconds": summary.train_seconds,
+                     "final_train_metrics": summary.final_train_metrics})
+    if diverged is not None:
+        raise diverged
     contexts, source = eval_contexts(lm, corpus_cfg, cfg.eval_contexts)
     fcfg = FidelityConfig(batch_contexts=cfg.batch_contexts, exclude_bos=cfg.exclude_bos)
     t_eval = time.perf_counter()

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from torch import Tensor
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import save_coder
-from mechfaith.coders.init import init_from_data
+from mechfaith.coders.init import DataInit, init_from_data
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
@@ -32,6 +32,7 @@ from mechfaith.lm.config import LMCoderConfig, LMConfig
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.model_cache import get_model, resolve_layer
 from mechfaith.training.config import TrainConfig
+from mechfaith.training.engine import TrainResult
 from mechfaith.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,32 @@ TRAIN_JSON = "train.json"
 ACTIVATIONS_DIR = "activations"
 
 
+def _columns(x: Tensor, y: Tensor, mode: str) -> tuple[Tensor, Tensor | None]:
+    if mode == "xy":
+        return x, y
+    return (x if mode == "x" else y), None
+
+
 class ColumnStream:
     """A cached stream served as ``(x, y)`` (transcoder), ``(x, None)`` (SAE of the input) or
-    ``(y, None)`` (SAE of the output); resumable through the cached stream's state."""
+    ``(y, None)`` (SAE of the output); resumable through the cached stream's state.
 
-    def __init__(self, stream: CachedActivationStream, mode: str = "xy") -> None:
-        if mode not in ("xy", "x", "y"):
-            raise ConfigError(f"ColumnStream mode must be xy, x or y, not {mode!r}")
+    With a sequence of modes, one batch per engine member: ``((x_1, ...), (y_1, ...))`` from one
+    read of the cache (a sweep trains all its coders from one stream).
+    """
+
+    def __init__(self, stream: CachedActivationStream, mode: str | Sequence[str] = "xy") -> None:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        if not modes or any(m not in ("xy", "x", "y") for m in modes):
+            raise ConfigError(f"ColumnStream modes must be xy, x or y, not {mode!r}")
         self.stream, self.mode = stream, mode
 
-    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+    def next_batch(self) -> tuple[Any, Any]:
         x, y = self.stream.next_batch()
-        if self.mode == "xy":
-            return x, y
-        return (x if self.mode == "x" else y), None
+        if isinstance(self.mode, str):
+            return _columns(x, y, self.mode)
+        pairs = [_columns(x, y, m) for m in self.mode]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
@@ -144,15 +157,36 @@ def _coder_layout(cfg: LMConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfi
     return ccfg, mode, in_site, out_site
 
 
-def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
-                out: str | Path, *, activations: str | Path | None = None, sae_site: str = "input",
-                resume: bool = False, progress: bool = True) -> TrainCoderResult:
-    """Train one coder of ``cfg.layer`` and write ``out/coder``, ``out/train.json`` and the log.
+@dataclass
+class CoderRun:
+    """One coder of one layer, initialised from the data and set up to train (:func:`prepare_coder_run`)."""
 
-    ``activations``: an existing cache folder (else one is collected into ``out/activations``, or
-    reused from there when it was collected with the same settings). ``sae_site``: for an SAE,
-    whether it reconstructs the cached ``input`` or ``output`` site.
-    """
+    out: Path
+    trainer: Trainer
+    mode: str  # the cache's columns it trains on: xy (transcoder), x or y (SAE)
+    cache: ActivationCache
+    layer: int
+    coder_config: CoderConfig
+    lm_coder_config: LMCoderConfig
+    model_name: str
+    input_site: str
+    output_site: str
+    init: DataInit
+    collect_seconds: float
+    started: float  # perf_counter() when the run was set up
+
+    def stream(self, modes: str | Sequence[str] | None = None) -> ColumnStream:
+        """The cached batches this run trains on (the seed is the TrainConfig's); ``modes``: serve
+        them to several runs at once instead (see :class:`ColumnStream`)."""
+        tcfg = self.trainer.cfg
+        return ColumnStream(CachedActivationStream(self.cache, self.layer, tcfg.batch_size, seed=tcfg.seed,
+                                                   device=tcfg.device), self.mode if modes is None else modes)
+
+
+def prepare_coder_run(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
+                      out: str | Path, *, activations: str | Path | None = None, sae_site: str = "input",
+                      progress: bool = True) -> CoderRun:
+    """Everything :func:`train_coder` does before the training loop (see there)."""
     out = Path(out)
     t_start = time.perf_counter()
     cache, layer, cfg, collect_seconds = _cache_for(cfg, corpus_cfg, out, activations, progress)
@@ -172,18 +206,23 @@ def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfi
                           center_encoder=coder_cfg.center_encoder)
     if init.skip_fve is not None:
         log.info("least-squares skip initialisation explains %.3f of the variance", init.skip_fve)
-    stream = ColumnStream(CachedActivationStream(cache, layer, train_cfg.batch_size, seed=train_cfg.seed,
-                                                 device=cfg.device), mode)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(coder, train_cfg, reference, log_path=out / "metrics.jsonl",
-                      checkpoint_dir=out / "checkpoint", progress=progress, desc=f"train L{layer}")
-    result = trainer.fit(stream, resume=resume)
+                      checkpoint_dir=out / "checkpoint", progress=progress, desc=f"train L{layer}",
+                      name=out.name)
+    return CoderRun(out, trainer, mode, cache, layer, ccfg, coder_cfg, model_name, in_site, out_site, init,
+                    collect_seconds, t_start)
+
+
+def finish_coder_run(run: CoderRun, result: TrainResult) -> TrainCoderResult:
+    """Save the trained coder (when training completed) and ``train.json``; raise if it diverged."""
+    coder, out, cache = run.trainer.coder, run.out, run.cache
     coder.eval()
     meta = {
-        "source": "mechfaith lm train", "model": model_name, "layer": layer, "input_site": in_site,
-        "output_site": out_site, "activations": str(cache.folder),
+        "source": "mechfaith lm train", "model": run.model_name, "layer": run.layer, "input_site": run.input_site,
+        "output_site": run.output_site, "activations": str(cache.folder),
         "corpus": cache.index.get("extra", {}).get("corpus"),
-        "train_config": config_to_dict(train_cfg), "lm_coder_config": config_to_dict(coder_cfg),
+        "train_config": config_to_dict(run.trainer.cfg), "lm_coder_config": config_to_dict(run.lm_coder_config),
         "steps": result.steps_done, "tokens": result.tokens_seen, "status": result.status,
     }
     if result.ok:
@@ -191,11 +230,26 @@ def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfi
     final: dict[str, float] = {k: v for k in ("fve", "mse", "l0", "dead_frac", "loss", "jacobian_rel")
                                if (v := result.final_metrics.get(k)) is not None}
     summary = TrainCoderResult(
-        **meta, coder_config=config_to_dict(ccfg), coder_folder=str(out / CODER_DIR) if result.ok else None,
-        message=result.message, unique_tokens=cache.n_tokens, epochs=result.tokens_seen / max(cache.n_tokens, 1),
-        skip_lstsq_fve=init.skip_fve, final_train_metrics=final, train_seconds=round(result.elapsed_s, 2),
-        collect_seconds=collect_seconds, total_seconds=round(time.perf_counter() - t_start, 2))
+        **meta, coder_config=config_to_dict(run.coder_config),
+        coder_folder=str(out / CODER_DIR) if result.ok else None, message=result.message,
+        unique_tokens=cache.n_tokens, epochs=result.tokens_seen / max(cache.n_tokens, 1),
+        skip_lstsq_fve=run.init.skip_fve, final_train_metrics=final, train_seconds=round(result.elapsed_s, 2),
+        collect_seconds=run.collect_seconds, total_seconds=round(time.perf_counter() - run.started, 2))
     write_json(out / TRAIN_JSON, summary.to_json())
     if not result.ok:
         raise TrainingDiverged(result.message or "training diverged")
     return summary
+
+
+def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
+                out: str | Path, *, activations: str | Path | None = None, sae_site: str = "input",
+                resume: bool = False, progress: bool = True) -> TrainCoderResult:
+    """Train one coder of ``cfg.layer`` and write ``out/coder``, ``out/train.json`` and the log.
+
+    ``activations``: an existing cache folder (else one is collected into ``out/activations``, or
+    reused from there when it was collected with the same settings). ``sae_site``: for an SAE,
+    whether it reconstructs the cached ``input`` or ``output`` site.
+    """
+    run = prepare_coder_run(cfg, corpus_cfg, coder_cfg, train_cfg, out, activations=activations,
+                            sae_site=sae_site, progress=progress)
+    return finish_coder_run(run, run.trainer.fit(run.stream(), resume=resume))
