@@ -52,7 +52,6 @@ def save_trainer_state(trainer: "Trainer", stream: BatchStream | None = None, fo
         elapsed_s=trainer.elapsed_s if elapsed_s is None else elapsed_s)
 
 
-
 def load_trainer_state(trainer: "Trainer", folder: str | Path | None = None,
                        stream: BatchStream | None = None) -> ckpt.Checkpoint:
     """Restore weights, Adam, counters, dead-latent tracker and RNGs (see :meth:`Trainer.load_checkpoint`)."""
@@ -91,7 +90,6 @@ def load_trainer_state(trainer: "Trainer", folder: str | Path | None = None,
     trainer.elapsed_s = c.elapsed_s
     trainer.metrics_history = list(c.metrics)
     trainer.forget_dead_count()
-    trainer._n_dead = None
     if stream is not None and c.stream_state is not None:
         stream.load_state_dict(c.stream_state)
         trainer.pending_stream_state = None
