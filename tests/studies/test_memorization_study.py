@@ -23,8 +23,9 @@ from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity  # noqa: E40
 from mechfaith.lm.model_cache import get_model  # noqa: E402
 from mechfaith.reports.experiment_report import write_experiment_html  # noqa: E402
 from mechfaith.studies import memorization as exp_mod  # noqa: E402
-from mechfaith.studies.memorization import ExperimentConfig, findings, run_experiment, summarize  # noqa: E402
+from mechfaith.studies.memorization import CellResult, ExperimentConfig, ExperimentResult, run_experiment  # noqa: E402
 from mechfaith.studies.memorization_data import build_experiment_data  # noqa: E402
+from mechfaith.studies.memorization_findings import TABLE_METRICS, findings, summarize  # noqa: E402
 from mechfaith.studies.memorization_metrics import passage_features, spliced_ce  # noqa: E402
 from tests.browser import open_page, require_browser  # noqa: E402
 
@@ -165,6 +166,10 @@ def test_run_experiment_writes_every_cell_and_the_table(experiment):
     vals = [c["metrics"]["fve"] for c in on_disk["cells"] if c["rate"] == 0.2 and c["jacobian_coef"] == 0.5]
     assert row["fve"] == pytest.approx(sum(vals) / 2)
     assert on_disk["findings"] and all(isinstance(f, str) for f in on_disk["findings"])
+    # the returned result is what the file holds
+    assert isinstance(rep, ExperimentResult) and rep.to_json() == on_disk and rep.path == str(out / "experiment.json")
+    again = CellResult.from_json(json.loads((out / "cells" / rep.cells[0].name / "result.json").read_text()))
+    assert again == rep.cells[0]
 
 
 def test_a_rerun_reuses_finished_cells(experiment, monkeypatch):
@@ -175,7 +180,7 @@ def test_a_rerun_reuses_finished_cells(experiment, monkeypatch):
 
     monkeypatch.setattr(exp_mod, "train_cell", no_training)
     again = run_experiment(tiny_config(root), corpus, out, progress=False)
-    assert [c["metrics"]["fve"] for c in again["cells"]] == [c["metrics"]["fve"] for c in rep["cells"]]
+    assert [c.metrics["fve"] for c in again.cells] == [c.metrics["fve"] for c in rep.cells]
     with pytest.raises(AssertionError, match="trained again"):  # changed settings: not reused
         run_experiment(tiny_config(root, steps=13), corpus, out, progress=False)
 
@@ -184,9 +189,10 @@ def test_findings_say_clear_only_beyond_the_seed_spread():
     cfg = ExperimentConfig(rates=[0.0, 0.05], jacobian_coefs=[0.0, 1.0], ks=[8], seeds=[0, 1])
 
     def cell(rate, coef, seed, mem):
-        m = {k: 0.5 for k in exp_mod.TABLE_METRICS}
+        m = {k: 0.5 for k in TABLE_METRICS}
         m["memorization"] = mem
-        return {"rate": rate, "jacobian_coef": coef, "k": 8, "seed": seed, "metrics": m}
+        return CellResult(name=f"c{rate}_{coef}_{seed}", rate=rate, jacobian_coef=coef, k=8, seed=seed,
+                          train_seconds=0.0, train_metrics={}, planted_contexts=0, metrics=m, key={}, seconds=0.0)
 
     cells = [cell(0.0, 0.0, 0, 0.0), cell(0.0, 0.0, 1, 0.01), cell(0.05, 0.0, 0, 0.30), cell(0.05, 0.0, 1, 0.32),
              cell(0.0, 1.0, 0, 0.0), cell(0.0, 1.0, 1, 0.2), cell(0.05, 1.0, 0, 0.05), cell(0.05, 1.0, 1, 0.15)]
@@ -203,7 +209,7 @@ def test_findings_say_clear_only_beyond_the_seed_spread():
     assert not any("signature" in t for t in text1)  # the passage's fit did not change
     # the passage is fitted far better at the higher rate while its Jacobian error stays: the signature
     for c in tiny[2:]:
-        c["metrics"]["passage_mse_ratio"] = 0.2 + 0.01 * c["seed"]
+        c.metrics["passage_mse_ratio"] = 0.2 + 0.01 * c.seed
     text2 = findings(summarize(tiny), cfg1)
     assert "passage MSE / held-out MSE 0.5 -> 0.205" in text2[0] and "shows a clear fall" in text2[0]
     assert any("signature of unfaithfulness" in t and "spread over features" in t for t in text2)
@@ -220,14 +226,14 @@ def test_report_page_opens_cleanly_in_chromium(experiment, tmp_path):
     require_browser()
     _, _, out, rep = experiment
     path = tmp_path / "report.html"
-    write_experiment_html(rep, path, "Tiny experiment")
+    write_experiment_html(rep.to_json(), path, "Tiny experiment")
     html = path.read_text()
     assert "http://" not in html and "https://" not in html  # self-contained
     seen = open_page(path, selectors=("img", "table", "li", "h2"), screenshot="experiment_report.png")
     seen.assert_clean()
     assert seen.counts["img"] == 6 and not seen.broken_images
     assert all(im.natural_width > 100 for im in seen.images)
-    assert seen.counts["li"] == len(rep["findings"]) and seen.counts["table"] == 2
+    assert seen.counts["li"] == len(rep.findings) and seen.counts["table"] == 2
     assert "Tiny experiment" in seen.title and "memorization" in seen.text
 
 

@@ -119,12 +119,12 @@ def _run_experiment(args: argparse.Namespace) -> int:
     corpus_cfg = dataclass_from_args(CorpusConfig, args, prefix="corpus-", file_values=files["corpus"])
     out = Path(args.out)
     rep = run_experiment(cfg, corpus_cfg, out, progress=not getattr(args, "quiet", False))
-    write_experiment_html(rep, out / "report.html",
-                          f"Memorization of a repeated passage by transcoders of {rep['model']} layer {rep['layer']}")
+    write_experiment_html(rep.to_json(), out / "report.html",
+                          f"Memorization of a repeated passage by transcoders of {rep.model} layer {rep.layer}")
     head = ("rate", "JM", "k", "memorization", "passage feats", "passage/held-out MSE", "passage Jac err",
             "held-out Jac err", "FVE", "L0", "CE +")
     print(" | ".join(head))
-    for r in rep["table"]:
+    for r in rep.table:
         print(" | ".join([f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", str(r["k"]),
                           fmt_value(r["memorization"], r["memorization_sd"]), fmt_value(r["n_passage_features"]),
                           fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]),
@@ -132,9 +132,9 @@ def _run_experiment(args: argparse.Namespace) -> int:
                           fmt_value(r["jacobian_rel"], r["jacobian_rel_sd"]),
                           fmt_value(r["fve"], r["fve_sd"]), fmt_value(r["l0"]),
                           fmt_value(r["ce_increase"], r["ce_increase_sd"])]))
-    for line in rep["findings"]:
+    for line in rep.findings:
         print("- " + line)
-    print(f"wrote {out / 'experiment.json'} and {out / 'report.html'} ({rep['seconds']:.0f} s)")
+    print(f"wrote {out / 'experiment.json'} and {out / 'report.html'} ({rep.seconds:.0f} s)")
     return 0
 
 

@@ -6,8 +6,9 @@ Sits between ``circuits/`` and ``reports/`` in the layer order: a study may impo
 Modules (import them directly):
 
 - ``memorization``: does a transcoder of a real MLP memorize a repeated passage planted into its
-  training data, and does Jacobian matching prevent it (:func:`run_experiment`, the cells, the
-  table over seeds, plain-language findings; ``mechfaith faithfulness experiment``).
+  training data, and does Jacobian matching prevent it (:func:`run_experiment`, its typed results
+  :class:`ExperimentResult` and :class:`CellResult`; ``mechfaith faithfulness experiment``).
 - ``memorization_data``: the study's activations collected once and held in memory.
 - ``memorization_metrics``: what the study measures for one trained transcoder (one cell).
+- ``memorization_findings``: the table (means and SDs over seeds) and the plain-language findings.
 """

@@ -15,9 +15,9 @@ HTML report (written by :mod:`mechfaith.reports.experiment_report`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from mechfaith.lm.corpus import CorpusConfig, eval_contexts, get_corpus
 from mechfaith.lm.faithfulness import load_passage, tokenize_text
 from mechfaith.lm.model_cache import get_model, resolve_layer
 from mechfaith.studies.memorization_data import ExperimentData, build_experiment_data
+from mechfaith.studies.memorization_findings import findings, summarize
 from mechfaith.studies.memorization_metrics import measure_cell
 from mechfaith.training.streams import TensorStream
 from mechfaith.training.trainer import Trainer
@@ -48,11 +49,6 @@ log = logging.getLogger(__name__)
 EXPERIMENT_JSON = "experiment.json"
 CELL_JSON = "result.json"
 SAVE_CODERS = ("none", "first_seed", "all")
-# the metrics averaged over seeds in the table
-TABLE_METRICS = ("memorization", "n_passage_features", "datapoint_flagged", "passage_mse_ratio",
-                 "skip_passage_mse_ratio",
-                 "passage_jacobian_rel", "jacobian_rel", "fve", "l0", "ce_increase", "kl",
-                 "passage_ce_increase")
 
 
 @dataclass
@@ -124,6 +120,61 @@ QUICK: dict[str, Any] = {"rates": [0.0, 0.05], "ks": [16], "steps": 100, "train_
                          "passage_eval_contexts": 2}
 
 
+@dataclass
+class CellResult:
+    """One cell: its setting, how its training went, and its measurements (``cells/NAME/result.json``).
+
+    ``metrics`` maps each measurement of :func:`~mechfaith.studies.memorization_metrics.measure_cell`
+    to its value (memorization, FVE, L0, Jacobian errors, spliced CE, ...)."""
+
+    name: str
+    rate: float
+    jacobian_coef: float
+    k: int
+    seed: int
+    train_seconds: float
+    train_metrics: dict[str, float]
+    planted_contexts: int
+    metrics: dict[str, Any]
+    key: dict[str, Any]  # every setting the result depends on (a rerun reuses the cell when it matches)
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CellResult:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` wrote to ``experiment.json`` (``path``: where).
+
+    ``table``: one row per (rate, jacobian_coef, k) with the mean (``metric``) and the SD over
+    seeds (``metric_sd``) of every :data:`TABLE_METRICS` entry."""
+
+    model: str
+    layer: int
+    input_site: str
+    output_site: str
+    passage: str
+    config: dict[str, Any]
+    corpus: dict[str, Any]
+    data: dict[str, Any]
+    cells: list[CellResult]
+    table: list[dict[str, Any]]
+    findings: list[str]
+    collect_seconds: float
+    seconds: float
+    path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("cells", "path")}
+        return json_safe({"format": "mechfaith.experiment", "version": 1, **body,
+                          "cells": [c.to_json() for c in self.cells]})
+
+
 def cell_name(rate: float, coef: float, k: int, seed: int) -> str:
     return f"rate{rate:g}_jac{coef:g}_k{k}_seed{seed}"
 
@@ -170,118 +221,20 @@ def train_cell(data: ExperimentData, reference: Callable, cfg: ExperimentConfig,
                           "planted_contexts": data.rate_contexts(cell["rate"])}
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of (rate, jacobian_coef, k) with the mean and SD over seeds of every table metric."""
-    groups: dict[tuple[float, float, int], list[dict[str, Any]]] = {}
-    for c in cells:
-        groups.setdefault((c["rate"], c["jacobian_coef"], c["k"]), []).append(c)
-    rows = []
-    for (rate, coef, k), members in sorted(groups.items()):
-        row: dict[str, Any] = {"rate": rate, "jacobian_coef": coef, "k": k, "seeds": len(members)}
-        for m in TABLE_METRICS:
-            mean, sd = _mean_sd([c["metrics"][m] for c in members])
-            row[m], row[m + "_sd"] = mean, sd
-        rows.append(row)
-    return rows
-
-
-def _row(rows: list[dict[str, Any]], rate: float, coef: float, k: int) -> dict[str, Any] | None:
-    return next((r for r in rows if r["rate"] == rate and r["jacobian_coef"] == coef and r["k"] == k), None)
-
-
-# Smallest difference worth a word, per metric (memorization: 1% of the passage's output).
-MIN_EFFECT = {"memorization": 0.01, "passage_mse_ratio": 0.05, "passage_jacobian_rel": 0.01}
-
-
-def _clear(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
-    """Whether ``a`` and ``b`` differ in ``metric`` by more than twice the seeds' spread and by at
-    least the metric's smallest effect worth reporting (:data:`MIN_EFFECT`)."""
-    spread = math.hypot(a[metric + "_sd"], b[metric + "_sd"])
-    diff = abs(a[metric] - b[metric])
-    return diff > 2 * spread and diff >= MIN_EFFECT.get(metric, 1e-9)
-
-
-def _change(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
-    if not _clear(a, b, metric):
-        return "no clear change"
-    return "a clear rise" if b[metric] > a[metric] else "a clear fall"
-
-
-def _carrier(row: dict[str, Any]) -> str:
-    """Whether the linear skip or the latents carry a coder's fit of the passage."""
-    skip, whole = row.get("skip_passage_mse_ratio", math.nan), row["passage_mse_ratio"]
-    if not math.isfinite(skip):
-        return ""
-    who = "almost entirely by the linear skip" if whole >= 0.85 * skip else "mostly by the latents"
-    return f"; carried {who} (passage MSE ratio of the skip alone {skip:.3g}, of the whole coder {whole:.3g})"
-
-
-def findings(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
-    """Plain-language statements of what the table shows (null results included). A difference is
-    called clear when it exceeds twice the spread over seeds (sqrt of the summed variances)."""
-    out: list[str] = []
-    lo, hi = min(cfg.rates), max(cfg.rates)
-    plain = min(cfg.jacobian_coefs)
-    jm = [c for c in cfg.jacobian_coefs if c != plain]
-    for k in cfg.ks:
-        for coef in cfg.jacobian_coefs:
-            a, b = _row(rows, lo, coef, k), _row(rows, hi, coef, k)
-            if a is None or b is None or lo == hi:
-                continue
-            label = "plain" if coef == plain and coef == 0 else f"Jacobian coef {coef:g}"
-            verdict = "rises clearly" if _clear(a, b, "memorization") and b["memorization"] > a["memorization"] \
-                else "falls clearly" if _clear(a, b, "memorization") else "shows no clear change"
-            skip = (f" (the linear skip alone: {a['skip_passage_mse_ratio']:.3g} -> {b['skip_passage_mse_ratio']:.3g})"
-                    if math.isfinite(a.get("skip_passage_mse_ratio", math.nan)) else "")
-            out.append(
-                f"k={k}, {label}: memorization by passage features {verdict} from rate {lo:g} to {hi:g} "
-                f"({a['memorization']:.3g} ± {a['memorization_sd']:.2g} -> {b['memorization']:.3g} ± "
-                f"{b['memorization_sd']:.2g}; passage features {a['n_passage_features']:.3g} -> "
-                f"{b['n_passage_features']:.3g}). The fit of the passage shows "
-                f"{_change(a, b, 'passage_mse_ratio')}: passage MSE / held-out MSE {a['passage_mse_ratio']:.3g} -> "
-                f"{b['passage_mse_ratio']:.3g}{skip}; the passage's Jacobian error shows "
-                f"{_change(a, b, 'passage_jacobian_rel')} ({a['passage_jacobian_rel']:.3g} -> "
-                f"{b['passage_jacobian_rel']:.3g}).")
-            if (_clear(a, b, "passage_mse_ratio") and b["passage_mse_ratio"] < a["passage_mse_ratio"]
-                    and not (_clear(a, b, "passage_jacobian_rel")
-                             and b["passage_jacobian_rel"] < a["passage_jacobian_rel"])):
-                out.append(
-                    f"k={k}, {label}: the coder fits the passage's outputs better without fitting the MLP's "
-                    f"local function there any better: memorization of the outputs, not of the mechanism "
-                    f"(the toy model's signature of unfaithfulness)"
-                    + ("; no dedicated passage features carry it: it is spread over features that also "
-                       "fire on ordinary text" if not _clear(a, b, "memorization") else "") + _carrier(b) + ".")
-        for coef in jm:
-            p, j = _row(rows, hi, plain, k), _row(rows, hi, coef, k)
-            if p is None or j is None:
-                continue
-            mem = ("lowers memorization clearly" if _clear(p, j, "memorization") and j["memorization"] < p["memorization"]
-                   else "raises memorization clearly" if _clear(p, j, "memorization")
-                   else "does not change memorization clearly")
-            fit = ("fits the passage clearly less well" if _clear(p, j, "passage_mse_ratio")
-                   and j["passage_mse_ratio"] > p["passage_mse_ratio"] else
-                   "fits the passage clearly better" if _clear(p, j, "passage_mse_ratio") else
-                   "fits the passage about as well")
-            out.append(
-                f"k={k}, rate {hi:g}: Jacobian matching (coef {coef:g}) {mem} "
-                f"({p['memorization']:.3g} -> {j['memorization']:.3g}) and {fit} (passage MSE / held-out "
-                f"MSE {p['passage_mse_ratio']:.3g} -> {j['passage_mse_ratio']:.3g}); held-out Jacobian error "
-                f"{p['jacobian_rel']:.3g} -> {j['jacobian_rel']:.3g}, passage Jacobian error "
-                f"{p['passage_jacobian_rel']:.3g} -> {j['passage_jacobian_rel']:.3g}; cost: FVE "
-                f"{p['fve']:.3g} -> {j['fve']:.3g}, spliced CE increase {p['ce_increase']:.3g} -> "
-                f"{j['ce_increase']:.3g} nats.")
-    return out
+def _finished_cell(path: Path, key: dict[str, Any]) -> CellResult | None:
+    """The result of a cell finished earlier with the same settings, or None (missing, damaged,
+    written by other settings)."""
+    if not path.is_file():
+        return None
+    try:
+        old = read_json(path)
+        return CellResult.from_json(old) if isinstance(old, dict) and old.get("key") == key else None
+    except Exception:  # noqa: BLE001 - a damaged result is recomputed
+        return None
 
 
 def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | Path, *,
-                   progress: bool = True, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: bool = True, on_stage: Callable[[str], None] | None = None) -> ExperimentResult:
     """Run every cell (module docstring); returns (and writes) the experiment's JSON."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -310,22 +263,17 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
     collect_seconds = time.perf_counter() - t0
     reference = adapter.mlp_function(layer, in_site, out_site)
     cells = _cells(cfg)
-    results: list[dict[str, Any]] = []
+    results: list[CellResult] = []
     clean_cache: dict[str, Any] = {}
     bar = tqdm(cells, desc="experiment cells", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell["name"])
         folder = out / "cells" / cell["name"]
         key = _cell_key(cfg, cell, data)
-        path = folder / CELL_JSON
-        if path.is_file():
-            try:
-                old = read_json(path)
-            except Exception:  # noqa: BLE001 - a damaged result is recomputed
-                old = {}
-            if old.get("key") == key:
-                results.append(old)
-                continue
+        done = _finished_cell(folder / CELL_JSON, key)
+        if done is not None:
+            results.append(done)
+            continue
         tc = time.perf_counter()
         coder, train_info = train_cell(data, reference, cfg, cell, progress=False)
         metrics = measure_cell(coder, reference, data, adapter=adapter, layer=layer, input_site=in_site,
@@ -333,29 +281,27 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
                                exclusive_rate=cfg.exclusive_rate, batch_contexts=cfg.batch_contexts,
                                seed=cell["seed"], clean_cache=clean_cache,
                                detector=DatapointConfig(top_k=16))
-        payload = {**cell, **train_info, "metrics": metrics, "key": key,
-                   "seconds": round(time.perf_counter() - tc, 2)}
+        result = CellResult(**cell, **train_info, metrics=metrics, key=key,
+                            seconds=round(time.perf_counter() - tc, 2))
         if cfg.save_coders == "all" or (cfg.save_coders == "first_seed" and cell["seed"] == cfg.seeds[0]):
             save_coder(coder, folder / "coder", training={
                 "source": "mechfaith faithfulness experiment", "model": lm.name, "layer": layer,
                 "input_site": in_site, "output_site": out_site, "corpus": config_to_dict(corpus_cfg),
                 "cell": cell})
-        write_json(folder / CELL_JSON, payload)
-        results.append(payload)
+        write_json(folder / CELL_JSON, result.to_json())
+        results.append(result)
         log.info("cell %s: memorization %.3g, FVE %.3g, CE +%.3g (%.0f s)", cell["name"],
-                 metrics["memorization"], metrics["fve"], metrics["ce_increase"], payload["seconds"])
+                 metrics["memorization"], metrics["fve"], metrics["ce_increase"], result.seconds)
     bar.close()
     rows = summarize(results)
-    report = {
-        "format": "mechfaith.experiment", "version": 1, "model": lm.name, "layer": layer,
-        "input_site": in_site, "output_site": out_site, "passage": text, "config": config_to_dict(cfg),
-        "corpus": config_to_dict(corpus_cfg), "data": data.summary(), "cells": results, "table": rows,
-        "findings": findings(rows, cfg), "collect_seconds": round(collect_seconds, 2),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    write_json(out / EXPERIMENT_JSON, json_safe(report))
-    report["path"] = str(out / EXPERIMENT_JSON)
+    report = ExperimentResult(
+        model=lm.name, layer=layer, input_site=in_site, output_site=out_site, passage=text,
+        config=config_to_dict(cfg), corpus=config_to_dict(corpus_cfg), data=data.summary(), cells=results,
+        table=rows, findings=findings(rows, cfg), collect_seconds=round(collect_seconds, 2),
+        seconds=round(time.perf_counter() - t0, 2), path=str(out / EXPERIMENT_JSON))
+    write_json(out / EXPERIMENT_JSON, report.to_json())
     return report
 
 
-__all__ = ["EXPERIMENT_JSON", "ExperimentConfig", "QUICK", "cell_name", "findings", "run_experiment", "summarize", "train_cell"]
+__all__ = ["EXPERIMENT_JSON", "CellResult", "ExperimentConfig", "ExperimentResult", "QUICK", "cell_name",
+           "run_experiment", "train_cell"]
