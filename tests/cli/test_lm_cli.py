@@ -108,11 +108,25 @@ def test_export_import_roundtrip(texts, tmp_path):
                  "--corpus-source", texts, "--eval-contexts", "4"]) == 0
 
 
+def test_train_a_set_of_every_layer(texts, tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["lm", "train", "--layers", "all", "--out", str(out), "--quiet", *small("llama", texts), *TRAIN]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 2 coders of random-llama together" in printed and "set.json" in printed
+    manifest = json.loads((out / "set.json").read_text())
+    assert manifest["layers"] == [0, 1] and [r["layer"] for r in manifest["runs"]] == [0, 1]
+    for layer in ("0", "1"):
+        coder = load_coder(out / manifest["coders"][layer])
+        assert coder.cfg.k == 4 and coder.n_latents == 4 * coder.d_in
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lm", "collect", "--model", "no-such-model-here", "--out", "{tmp}/x"], "no-such-model-here"),
     (["lm", "collect", "--model", "random-gpt2", "--layer", "9", "--out", "{tmp}/x"], "out of range"),
     (["lm", "eval", "{tmp}/missing"], "missing"),
     (["lm", "sweep", "--model", "random-gpt2", "--activation", "relu", "--out", "{tmp}/x"], "--values"),
+    (["lm", "train", "--model", "random-gpt2", "--layers", "0-5", "--out", "{tmp}/x"], "layers 0..1"),
+    (["lm", "train", "--model", "random-gpt2", "--layers", "all", "--eval", "--out", "{tmp}/x"], "--eval"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, tmp_path, capsys):
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])

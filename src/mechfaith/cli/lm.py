@@ -27,7 +27,10 @@ from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
 
 if TYPE_CHECKING:
+    from mechfaith.lm.config import LMCoderConfig, LMConfig
+    from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.lm.evaluate import EvalResult
+    from mechfaith.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,10 @@ def add_parser(subparsers) -> None:
                    help="for --kind sae: reconstruct the cached input or output site")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
+    p.add_argument("--layers", default=None,
+                   help="train a coder at each of these layers together, from one collection: 'all', a "
+                        "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
+                        "OUT/layers/L<l>/; replaces --layer)")
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, _lm_train_defaults())
@@ -225,6 +232,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from mechfaith.lm.train import train_coder
 
     lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True)
+    if args.layers is not None:
+        return _run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg)
     s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
                     sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
     m = s.final_train_metrics
@@ -237,6 +246,29 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.eval:
         e = evaluate(Path(args.out), lm_cfg, corpus_cfg, progress=_progress(args))
         _print_eval(e)
+    sys.stdout.flush()
+    return 0
+
+
+def _run_train_set(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
+                   train_cfg: TrainConfig) -> int:
+    from mechfaith.lm.layer_set import parse_layers, train_set
+    from mechfaith.lm.model_cache import get_model
+
+    if args.eval:
+        raise ConfigError("--eval is not available with --layers yet (evaluate a layer's coder with lm eval "
+                          "OUT/layers/L<l>)")
+    layers = parse_layers(args.layers, get_model(lm_cfg).adapter.n_layers)
+    r = train_set(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, layers, activations=args.activations,
+                  sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
+    print(f"trained {len(r.layers)} coders of {r.model} together: collect {r.collect_seconds:.0f} s, "
+          f"train {r.train_seconds:.0f} s, total {r.total_seconds:.0f} s")
+    print("  layer   FVE     L0   dead")
+    for s in r.runs:
+        m = s.final_train_metrics
+        print(f"  {s.layer:5d}  {fmt_value(m.get('fve'), spec='.4f')}  {fmt_value(m.get('l0'), spec='5.1f')}  "
+              f"{fmt_value(m.get('dead_frac'), spec='.3f')}")
+    print(f"wrote {Path(args.out) / 'set.json'}")
     sys.stdout.flush()
     return 0
 

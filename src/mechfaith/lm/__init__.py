@@ -26,7 +26,9 @@ Modules (import them directly; none imports transformers at import time except t
 - ``coder_files``: ``open_coder`` (any of those formats, with its model, layer and sites).
 - ``collect`` / ``train`` / ``evaluate``: the ``mechfaith lm`` commands, each writing a JSON of
   typed results (``CollectResult``, ``TrainCoderResult``, ``EvalResult``) next to its artefacts.
-- ``sweep``: SAEs and transcoders over sparsity settings at one layer (``SweepResult``; its
-  figure is drawn by :mod:`mechfaith.reports.sweep_plot`).
+- ``sweep``: SAEs and transcoders over sparsity settings at one layer, trained in one engine
+  (``SweepResult``; its figure is drawn by :mod:`mechfaith.reports.sweep_plot`).
+- ``layer_set``: a coder at every requested layer, collected in one pass and trained together
+  (``train_set``, ``SetResult`` = ``set.json``, ``lm train --layers``).
 - ``faithfulness``: the tokens and reference of the faithfulness report of an LM transcoder.
 """

@@ -1,0 +1,162 @@
+"""A transcoder (or SAE) at every requested layer, trained together: a replacement set.
+
+:func:`train_set` collects the (input, output) pairs of all the layers in one pass over the text
+(one forward pass per batch, stopping after the last layer; :func:`~mechfaith.lm.collect.collect`),
+then trains one coder per layer in one :class:`~mechfaith.training.engine.Engine`: each layer's
+:class:`~mechfaith.training.trainer.Trainer` keeps its own Adam, schedules, dead-latent state and
+optional Jacobian matching against its own MLP, and all of them step on one batch per layer from
+one :class:`LayersStream`. Every layer ends exactly as :func:`~mechfaith.lm.train.train_coder`
+would train it alone from the same cache (a test checks); a stopped run resumes from the layers'
+checkpoints together.
+
+Outputs in the set folder: ``activations/`` (unless given), ``layers/L<l>/`` (one ``lm train`` run
+folder per layer: ``coder/``, ``metrics.jsonl``, ``checkpoint/``, ``train.json``) and ``set.json``
+(:class:`SetResult`, the manifest: model, layers, sites, each layer's coder folder, the training
+summaries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mechfaith.errors import ConfigError, TrainingDiverged
+from mechfaith.jsonio import json_safe, write_json
+from mechfaith.lm.coder_files import CODER_DIR
+from mechfaith.lm.collect import cache_matches, collect
+from mechfaith.lm.config import LMCoderConfig, LMConfig
+from mechfaith.lm.corpus import CorpusConfig
+from mechfaith.lm.model_cache import get_model, resolve_layer
+from mechfaith.lm.train import ACTIVATIONS_DIR, ColumnStream, TrainCoderResult, finish_coder_run, prepare_coder_run
+from mechfaith.training.config import TrainConfig
+from mechfaith.training.engine import Engine
+
+SET_JSON = "set.json"
+SET_FORMAT = "mechfaith.coder_set"
+LAYERS_DIR = "layers"
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """``all``, a range ``a-b`` (inclusive) or a comma-separated list -> sorted distinct layers."""
+    text = spec.strip().lower()
+    if text == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                layers.update(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                layers.add(int(part))
+    except ValueError:
+        raise ConfigError(f"--layers must be 'all', a range like 0-29 or a list like 1,3,5; got {spec!r}") from None
+    bad = sorted(l for l in layers if not 0 <= l < n_layers)
+    if not layers or bad:
+        raise ConfigError(f"--layers {spec!r}: the model has layers 0..{n_layers - 1}"
+                          + (f" (not {bad})" if bad else ""))
+    return sorted(layers)
+
+
+class LayersStream:
+    """One batch per layer, ``((x_l, ...), (y_l, ...))``, from one stream per layer; its state is
+    every layer's (so a set resumes where it stopped)."""
+
+    def __init__(self, streams: dict[int, ColumnStream]) -> None:
+        if not streams:
+            raise ConfigError("LayersStream needs at least one layer")
+        self.streams = dict(streams)
+
+    def next_batch(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        pairs = [s.next_batch() for s in self.streams.values()]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "layers", "layers": {str(l): s.state_dict() for l, s in self.streams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("layers") if state.get("kind") == "layers" else None
+        if not isinstance(saved, dict) or sorted(saved) != sorted(str(l) for l in self.streams):
+            raise ConfigError(f"the stream state is not one of layers {sorted(self.streams)}")
+        for l, s in self.streams.items():
+            s.load_state_dict(saved[str(l)])
+
+
+@dataclass
+class SetResult:
+    """A trained set (``set.json``, the manifest every set-aware command reads)."""
+
+    model: str
+    layers: list[int]
+    input_site: str
+    output_site: str
+    coders: dict[str, str]  # layer -> coder folder, relative to the set folder
+    activations: str
+    runs: list[TrainCoderResult]
+    collect_seconds: float
+    train_seconds: float
+    total_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runs"}
+        return json_safe({"format": SET_FORMAT, "format_version": 1, **body,
+                          "runs": [r.to_json() for r in self.runs]})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SetResult:
+        if data.get("format") != SET_FORMAT:
+            raise ConfigError(f"not a mechfaith coder set (format {data.get('format')!r})")
+        names = {f.name for f in dataclasses.fields(cls)} - {"runs"}
+        return cls(**{k: data[k] for k in names}, runs=[TrainCoderResult.from_json(r) for r in data["runs"]])
+
+
+def _set_cache(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, layers: list[int], activations: str | Path | None,
+               progress: bool) -> tuple[Path, float]:
+    """The activation cache of every layer (collected in one pass into ``out/activations`` unless
+    given or already there with the same settings) and the seconds spent collecting."""
+    if activations is not None:
+        return Path(activations), 0.0
+    folder = out / ACTIVATIONS_DIR
+    name = get_model(cfg).name
+    if all(cache_matches(folder, name, l, cfg, corpus_cfg) for l in layers):
+        return folder, 0.0
+    return folder, collect(cfg, corpus_cfg, folder, layers=layers, progress=progress).seconds
+
+
+def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
+              out: str | Path, layers: Sequence[int], *, activations: str | Path | None = None,
+              sae_site: str = "input", resume: bool = False, progress: bool = True) -> SetResult:
+    """Train one coder per layer of ``layers`` together (module docstring); write ``out/set.json``.
+    ``sae_site``: for SAEs, whether they reconstruct the cached ``input`` or ``output`` site."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    adapter = get_model(cfg).adapter
+    layers = sorted({resolve_layer(adapter, l) for l in layers})
+    if not layers:
+        raise ConfigError("a set needs at least one layer")
+    cache, collect_seconds = _set_cache(cfg, corpus_cfg, out, layers, activations, progress)
+    runs = [prepare_coder_run(dataclasses.replace(cfg, layer=l), corpus_cfg, coder_cfg, train_cfg,
+                              out / LAYERS_DIR / f"L{l}", activations=cache, sae_site=sae_site,
+                              progress=progress) for l in layers]
+    stream = LayersStream({r.layer: r.stream() for r in runs})
+    results = Engine([r.trainer for r in runs], desc=f"set of {len(runs)} layers").fit(stream, resume=resume)
+    summaries: list[TrainCoderResult] = []
+    diverged: TrainingDiverged | None = None
+    for run, res in zip(runs, results):
+        try:
+            summaries.append(finish_coder_run(run, res))
+        except TrainingDiverged as exc:  # every layer's train.json is written first
+            diverged = diverged or exc
+    if diverged is not None:
+        raise diverged
+    first = runs[0]
+    result = SetResult(
+        model=first.model_name, layers=layers, input_site=first.input_site, output_site=first.output_site,
+        coders={str(r.layer): str(Path(LAYERS_DIR) / f"L{r.layer}" / CODER_DIR) for r in runs},
+        activations=str(cache), runs=summaries, collect_seconds=round(collect_seconds, 2),
+        train_seconds=round(results[0].elapsed_s, 2), total_seconds=round(time.perf_counter() - t0, 2))
+    write_json(out / SET_JSON, result.to_json())
+    return result
