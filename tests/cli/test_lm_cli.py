@@ -118,6 +118,13 @@ def test_train_a_set_of_every_layer(texts, tmp_path, capsys):
     for layer in ("0", "1"):
         coder = load_coder(out / manifest["coders"][layer])
         assert coder.cfg.k == 4 and coder.n_latents == 4 * coder.d_in
+    # the whole set spliced at once
+    assert main(["lm", "eval", str(out), "--eval-contexts", "4", "--batch-contexts", "4", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "set of 2 layers of random-llama" in printed and "all replaced" in printed
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["keep_bos"] is True and [p["layer"] for p in ev["per_layer"]] == [0, 1]
+    assert ev["per_layer"][1]["ce_prefix"] == ev["ce_all"] and ev["eval_contexts"] == 4
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -127,8 +134,11 @@ def test_train_a_set_of_every_layer(texts, tmp_path, capsys):
     (["lm", "sweep", "--model", "random-gpt2", "--activation", "relu", "--out", "{tmp}/x"], "--values"),
     (["lm", "train", "--model", "random-gpt2", "--layers", "0-5", "--out", "{tmp}/x"], "layers 0..1"),
     (["lm", "train", "--model", "random-gpt2", "--layers", "all", "--eval", "--out", "{tmp}/x"], "--eval"),
+    (["lm", "eval", "{tmp}/badset"], "set.json: not a mechfaith coder set"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, tmp_path, capsys):
+    (tmp_path / "badset").mkdir()
+    (tmp_path / "badset" / "set.json").write_text('{"format": "something else"}')
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -101,3 +101,63 @@ def test_parse_layers():
     for bad in ("", "x", "0-40", "-1", "3-a"):
         with pytest.raises(ConfigError):
             parse_layers(bad, 30)
+
+
+def _identity_sae(d: int):
+    """An exact identity SAE (ReLU(x) - ReLU(-x) = x): splicing it changes nothing."""
+    from mechfaith.coders import CoderConfig, SparseCoder
+    coder = SparseCoder(CoderConfig(d_in=d, n_latents=2 * d, kind="sae", activation="relu", decoder_norm="penalty"))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        coder.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        coder.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        coder.b_enc.zero_()
+        coder.b_dec.zero_()
+    return coder
+
+
+def test_set_eval_of_identity_coders_leaves_the_model_unchanged(corpus_cfg, tmp_path):
+    from mechfaith.coders.files import save_coder
+    from mechfaith.lm.set_eval import evaluate_set
+
+    cfg = _cfg("llama")
+    tcfg = lm_train_config(n_steps=4, batch_size=64, log_every=2, checkpoint_every=0)
+    res = train_set(cfg, corpus_cfg, LMCoderConfig(kind="sae", k=4, expansion=2), tcfg, tmp_path / "set", [0, 1],
+                    sae_site="output", progress=False)
+    for layer in res.layers:
+        meta = {"model": res.model, "layer": layer, "input_site": "mlp_out", "output_site": "mlp_out",
+                "corpus": corpus_cfg.__dict__}
+        save_coder(_identity_sae(32), tmp_path / "set" / res.coders[str(layer)], training=meta)
+    for keep_bos in (True, False):
+        ev = evaluate_set(tmp_path / "set", cfg, keep_bos=keep_bos, progress=False)
+        assert ev.ce_all == pytest.approx(ev.ce_clean, abs=1e-7) and abs(ev.kl_all) < 1e-9
+        assert all(p.fve == pytest.approx(1.0, abs=1e-6) and abs(p.kl_alone) < 1e-9 for p in ev.per_layer)
+        assert ev.kl_zero_ablated > 1e-6  # the baseline (every MLP zero-ablated) does change the model
+
+
+def test_set_eval_figures_agree_with_single_splices(corpus_cfg, tmp_path):
+    from mechfaith.lm.corpus import eval_contexts
+    from mechfaith.lm.fidelity import FidelityConfig, evaluate_fidelity
+    from mechfaith.lm.model_cache import get_model
+    from mechfaith.lm.set_eval import SetEvalResult, evaluate_set
+
+    cfg = _cfg("gpt2")
+    tcfg = lm_train_config(n_steps=8, batch_size=64, log_every=4, checkpoint_every=0)
+    res = train_set(cfg, corpus_cfg, LMCoderConfig(k=4, expansion=2), tcfg, tmp_path / "set", [0, 1], progress=False)
+    ev = evaluate_set(tmp_path / "set", cfg, progress=False)
+    saved = json.loads((tmp_path / "set" / "eval.json").read_text())
+    assert SetEvalResult.from_json(saved).to_json() == saved and saved["ce_increase"] == ev.ce_all - ev.ce_clean
+    assert ev.layers == [0, 1] and ev.ce_all_but_first_last is None  # two layers: no middle
+    assert ev.per_layer[-1].ce_prefix == ev.ce_all and ev.per_layer[0].ce_prefix == ev.per_layer[0].ce_alone
+    # independent computation: each layer alone and the whole set by the single-splice evaluator
+    lm = get_model(cfg)
+    contexts, _ = eval_contexts(lm, corpus_cfg, cfg.eval_contexts)
+    fcfg = FidelityConfig(batch_contexts=cfg.batch_contexts, keep_bos=True)
+    coders = {l: load_coder(tmp_path / "set" / res.coders[str(l)]) for l in (0, 1)}
+    for p in ev.per_layer:
+        one = evaluate_fidelity(lm.adapter, contexts, {p.layer: coders[p.layer]}, cfg=fcfg)
+        assert p.ce_alone == pytest.approx(one.ce_spliced, rel=1e-6)
+        assert p.fve == pytest.approx(one.layer_stats[0].fve, rel=1e-6)
+    both = evaluate_fidelity(lm.adapter, contexts, coders, cfg=fcfg)
+    assert ev.ce_all == pytest.approx(both.ce_spliced, rel=1e-6)
+    assert ev.ce_zero_ablated == pytest.approx(both.ce_zero_ablated, rel=1e-6)

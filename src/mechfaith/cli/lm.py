@@ -118,7 +118,8 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("eval", help="splice a trained coder into its model on held-out text",
                        formatter_class=fmt)
-    p.add_argument("coder", help="run folder, coder folder, SAELens folder or legacy GPT-2 transcoder .pt")
+    p.add_argument("coder", help="run folder, coder folder, SAELens folder, legacy GPT-2 transcoder .pt, or a "
+                                 "set folder (set.json, from lm train --layers): all layers spliced at once")
     p.add_argument("--out", default=None, help="result JSON (default: eval.json beside the coder folder)")
     p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
@@ -130,6 +131,9 @@ def add_parser(subparsers) -> None:
                    help="dtype of the model's weights")
     p.add_argument("--keep-bos", action="store_true",
                    help="keep the model's own MLP output at BOS when splicing")
+    p.add_argument("--splice-bos", action="store_true",
+                   help="for a set (a folder with set.json): replace BOS too (default: every layer keeps "
+                        "the model's own MLP output at BOS, which the set's coders never saw)")
     p.add_argument("--include-bos", action="store_true",
                    help="include BOS in FVE / L0 statistics (default: reported separately)")
     add_quiet_option(p, "hide progress bars")
@@ -286,11 +290,37 @@ def _run_eval(args: argparse.Namespace) -> int:
         eval_contexts=args.eval_contexts or base.eval_contexts,
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
+    if (Path(args.coder) / "set.json").is_file():
+        return _run_eval_set(args, lm_cfg)
     corpus_cfg = coder_corpus_with_source(args.coder, args.corpus_source)
     e = evaluate(args.coder, lm_cfg, corpus_cfg, out=args.out, keep_bos=args.keep_bos,
                  model_given=args.model is not None, layer_given=args.layer is not None,
                  progress=_progress(args))
     _print_eval(e)
+    return 0
+
+
+def _run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
+    from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.lm.layer_set import LAYERS_DIR
+    from mechfaith.lm.set_eval import evaluate_set, read_set
+
+    manifest = read_set(args.coder)
+    first = Path(args.coder) / manifest.coders[str(manifest.layers[0])]
+    corpus_cfg = coder_corpus_with_source(first, args.corpus_source)
+    e = evaluate_set(args.coder, lm_cfg, corpus_cfg, keep_bos=not args.splice_bos, out=args.out,
+                     progress=_progress(args))
+    print(f"set of {len(e.layers)} layers of {e.model} on {e.eval_tokens} held-out tokens ({e.eval_source}); "
+          f"BOS {'kept' if e.keep_bos else 'spliced'}:")
+    abf = f"{e.ce_all_but_first_last:.4f}" if e.ce_all_but_first_last is not None else "n/a"
+    print(f"  CE clean {e.ce_clean:.4f}  all replaced {e.ce_all:.4f} ({e.ce_increase:+.4f}, KL {e.kl_all:.4f})  "
+          f"all but first and last {abf}  all MLPs zero-ablated {e.ce_zero_ablated:.4f}")
+    print("  layer    FVE     L0   dead  dense  CE alone  CE 0..l")
+    for p in e.per_layer:
+        print(f"  {p.layer:5d}  {fmt_value(p.fve, spec='.3f')}  {fmt_value(p.l0, spec='5.1f')}  "
+              f"{fmt_value(p.dead_fraction, spec='.3f')}  {fmt_value(p.dense_fraction, spec='.3f')}  "
+              f"{fmt_value(p.ce_alone, spec='.4f')}    {fmt_value(p.ce_prefix, spec='.4f')}")
+    print(f"  wrote {args.out or Path(args.coder) / 'eval.json'} ({e.seconds:.0f} s; coders in {LAYERS_DIR}/)")
     return 0
 
 

@@ -197,12 +197,15 @@ def _variants(adapter: ModelAdapter, named: Mapping[str, list[SpliceEntry]], abl
 
 def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntry | Sequence[SpliceEntry]],
                   cfg: FidelityConfig | None = None, means: Mapping[int, Tensor] | None = None,
-                  progress: bool = False, desc: str = "fidelity") -> ManyFidelity:
+                  progress: bool = False, desc: str = "fidelity",
+                  ablations: Sequence[Sequence[int]] | None = None) -> ManyFidelity:
     """Fidelity of each named splice, sharing the clean and ablated runs between them.
 
     ``entries``: {name: one :class:`SpliceEntry`, or several (distinct layers) spliced together}.
     Per batch: one clean run that captures every coder's sites, one run per group of layers
-    zero- and mean-ablated together (the layers of each name), one run per name spliced.
+    zero- and mean-ablated together, one run per name spliced. ``ablations``: the groups of
+    layers to ablate (default: the layers of each name); a name's loss recovered is reported
+    when its group is among them.
     """
     cfg = cfg or FidelityConfig()
     adapter = get_adapter(model)
@@ -217,7 +220,8 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
     if cfg.max_contexts:
         contexts = contexts[: cfg.max_contexts]
     groups = {name: tuple(sorted(e.layer for e in es)) for name, es in named.items()}
-    ablations = sorted(set(groups.values()))
+    groups_ablated = sorted({tuple(sorted(int(l) for l in g)) for g in ablations} if ablations is not None
+                            else set(groups.values()))
     layers = sorted({e.layer for es in named.values() for e in es})
     lm = adapter.has_lm_head and adapter.family.causal
     device = model_device(adapter)
@@ -232,7 +236,7 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
     def add(key: str, value: Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(value.double().sum())
 
-    variants = _variants(adapter, named, ablations, means if lm else None, cfg.keep_bos)
+    variants = _variants(adapter, named, groups_ablated, means if lm else None, cfg.keep_bos)
     bar = tqdm(total=contexts.shape[0], unit="ctx", desc=desc, disable=not progress, leave=False)
     with torch.inference_mode():
         for i in range(0, contexts.shape[0], cfg.batch_contexts):
@@ -273,7 +277,7 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
                     add(f"err/{key}", (got["h"].double() - final).pow(2))
             bar.update(ids.shape[0])
     bar.close()
-    return _many_result(named, groups, ablations, acc, sums, n_pred, int(contexts.numel()), layers, lm, cfg)
+    return _many_result(named, groups, groups_ablated, acc, sums, n_pred, int(contexts.numel()), layers, lm, cfg)
 
 
 def _store_into(store: dict[Any, Tensor], key: Any) -> Callable[[Tensor], None]:
@@ -301,8 +305,9 @@ def _many_result(named: Mapping[str, list[SpliceEntry]], groups: Mapping[str, tu
             c.ce_spliced = sums[f"ce/spliced/{name}"] / n_pred
             c.ce_increase = c.ce_spliced - ce_clean
             c.kl_spliced = sums[f"kl/spliced/{name}"] / n_pred
-            c.loss_recovered_zero = loss_recovered(ce_clean, c.ce_spliced, base.ce_zero_ablated[key])
-            c.loss_recovered_mean = loss_recovered(ce_clean, c.ce_spliced, base.ce_mean_ablated[key])
+            if key in base.ce_zero_ablated:
+                c.loss_recovered_zero = loss_recovered(ce_clean, c.ce_spliced, base.ce_zero_ablated[key])
+                c.loss_recovered_mean = loss_recovered(ce_clean, c.ce_spliced, base.ce_mean_ablated[key])
     else:
         hn = sums["hidden_norm"]
         base.hidden_rel_error_zero_ablated = {
