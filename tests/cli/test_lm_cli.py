@@ -125,6 +125,7 @@ def test_train_a_set_of_every_layer(texts, tmp_path, capsys):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["keep_bos"] is True and [p["layer"] for p in ev["per_layer"]] == [0, 1]
     assert ev["per_layer"][1]["ce_prefix"] == ev["ce_all"] and ev["eval_contexts"] == 4
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -304,6 +304,7 @@ def _run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
     from mechfaith.lm.coder_files import coder_corpus_with_source
     from mechfaith.lm.layer_set import LAYERS_DIR
     from mechfaith.lm.set_eval import evaluate_set, read_set
+    from mechfaith.reports.set_plot import plot_set_eval
 
     manifest = read_set(args.coder)
     first = Path(args.coder) / manifest.coders[str(manifest.layers[0])]
@@ -320,7 +321,10 @@ def _run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
         print(f"  {p.layer:5d}  {fmt_value(p.fve, spec='.3f')}  {fmt_value(p.l0, spec='5.1f')}  "
               f"{fmt_value(p.dead_fraction, spec='.3f')}  {fmt_value(p.dense_fraction, spec='.3f')}  "
               f"{fmt_value(p.ce_alone, spec='.4f')}    {fmt_value(p.ce_prefix, spec='.4f')}")
-    print(f"  wrote {args.out or Path(args.coder) / 'eval.json'} ({e.seconds:.0f} s; coders in {LAYERS_DIR}/)")
+    figure = Path(args.out).with_suffix(".png") if args.out else Path(args.coder) / "eval.png"
+    plot_set_eval(e, figure)
+    print(f"  wrote {args.out or Path(args.coder) / 'eval.json'} and {figure} ({e.seconds:.0f} s; "
+          f"coders in {LAYERS_DIR}/)")
     return 0
 
 

@@ -5,20 +5,15 @@ with the clean and ablation levels as horizontal lines. matplotlib is imported o
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from mechfaith.atomic import write_bytes_atomic
 from mechfaith.lm.sweep import SweepResult, value_label
+from mechfaith.reports.figures import pyplot, save_figure
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> None:
     """L0 (x) against spliced CE (y), one line per kind, with clean / ablation lines; PNG, atomic."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base = result.baseline
     layer = str(result.layer)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -50,7 +45,4 @@ def plot_sweep(result: SweepResult, path: str | Path) -> None:
     ax.set_title(f"{result.model}, layer {layer} MLP: sparsity vs fidelity", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
