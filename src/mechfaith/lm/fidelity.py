@@ -209,14 +209,7 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
     """
     cfg = cfg or FidelityConfig()
     adapter = get_adapter(model)
-    named = {name: _as_list(v) for name, v in entries.items()}
-    if not named or any(not es for es in named.values()):
-        raise ConfigError("evaluate_many needs at least one coder")
-    if contexts.ndim != 2 or contexts.shape[0] == 0:
-        raise ConfigError("contexts must be a non-empty int64 tensor [n_contexts, context_length]")
-    for e in (e for es in named.values() for e in es):
-        check_output_site(adapter, e.output_site)
-        adapter.check_layer(int(e.layer))
+    named = _checked_entries(adapter, entries, contexts)
     if cfg.max_contexts:
         contexts = contexts[: cfg.max_contexts]
     groups = {name: tuple(sorted(e.layer for e in es)) for name, es in named.items()}
@@ -278,6 +271,20 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
             bar.update(ids.shape[0])
     bar.close()
     return _many_result(named, groups, groups_ablated, acc, sums, n_pred, int(contexts.numel()), layers, lm, cfg)
+
+
+def _checked_entries(adapter: ModelAdapter, entries: Mapping[str, SpliceEntry | Sequence[SpliceEntry]],
+                     contexts: Tensor) -> dict[str, list[SpliceEntry]]:
+    """The named splices as lists, after checking them and the contexts (one-line errors)."""
+    named = {name: _as_list(v) for name, v in entries.items()}
+    if not named or any(not es for es in named.values()):
+        raise ConfigError("evaluate_many needs at least one coder")
+    if contexts.ndim != 2 or contexts.shape[0] == 0:
+        raise ConfigError("contexts must be a non-empty int64 tensor [n_contexts, context_length]")
+    for e in (e for es in named.values() for e in es):
+        check_output_site(adapter, e.output_site)
+        adapter.check_layer(int(e.layer))
+    return named
 
 
 def _store_into(store: dict[Any, Tensor], key: Any) -> Callable[[Tensor], None]:
