@@ -1,6 +1,7 @@
 """A coder at every layer (lm.layer_set) on tiny random GPT-2 and Llama models: the set equals each
 layer trained alone, a stopped set resumes bit for bit, the manifest round-trips, --layers parses."""
 
+import dataclasses
 import json
 import random
 
@@ -12,9 +13,11 @@ pytest.importorskip("transformers")
 from mechfaith.coders.files import load_coder  # noqa: E402
 from mechfaith.errors import ConfigError  # noqa: E402
 from mechfaith.lm import layer_set  # noqa: E402
+from mechfaith.lm.collect import collect  # noqa: E402
 from mechfaith.lm.config import LMCoderConfig, LMConfig, lm_train_config  # noqa: E402
 from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
 from mechfaith.lm.layer_set import SetResult, parse_layers, train_set  # noqa: E402
+from mechfaith.lm.model_stream import ModelActivationStream  # noqa: E402
 from mechfaith.lm.train import train_coder  # noqa: E402
 
 torch.set_num_threads(1)
@@ -40,33 +43,56 @@ def _params(folder):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_a_set_equals_each_layer_trained_alone(family, corpus_cfg, tmp_path):
+def test_a_set_from_a_cache_equals_each_layer_trained_alone(family, corpus_cfg, tmp_path):
     cfg = _cfg(family)
     tcfg = lm_train_config(n_steps=12, batch_size=64, log_every=6, checkpoint_every=0, jacobian_coef=0.01)
     coder_cfg = LMCoderConfig(k=4, expansion=2)
-    res = train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "set", [0, 1], progress=False)
+    collected = collect(cfg, corpus_cfg, tmp_path / "acts", layers=[0, 1], progress=False)
+    assert collected.layers == [0, 1]  # both layers in one pass
+    res = train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "set", [0, 1], activations=tmp_path / "acts",
+                    progress=False)
     assert res.layers == [0, 1] and res.runs[0].steps == 12 and res.runs[1].layer == 1
     saved = json.loads((tmp_path / "set" / "set.json").read_text())
     assert saved["format"] == "mechfaith.coder_set" and SetResult.from_json(saved).to_json() == saved
-    collected = json.loads((tmp_path / "set" / "activations" / "collect.json").read_text())
-    assert collected["layers"] == [0, 1]  # both layers in one pass
     for layer in (0, 1):
         alone = tmp_path / f"alone{layer}"
         train_coder(LMConfig(**{**cfg.__dict__, "layer": layer}), corpus_cfg, coder_cfg, tcfg, alone,
-                    activations=tmp_path / "set" / "activations", progress=False)
+                    activations=tmp_path / "acts", progress=False)
         ours, theirs = _params(tmp_path / "set" / saved["coders"][str(layer)]), _params(alone / "coder")
         for name, p in theirs.items():
             assert torch.equal(ours[name], p), (layer, name)
 
 
-def test_a_stopped_set_resumes_bit_for_bit(corpus_cfg, tmp_path, monkeypatch):
-    cfg = _cfg("gpt2")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_set_streamed_from_the_model_equals_each_layer_streamed_alone(family, corpus_cfg, tmp_path):
+    cfg = dataclasses.replace(_cfg(family), stream_block_tokens=200)  # several blocks, > 1 epoch
+    tcfg = lm_train_config(n_steps=30, batch_size=64, log_every=10, checkpoint_every=0, jacobian_coef=0.01)
+    coder_cfg = LMCoderConfig(k=4, expansion=2)
+    res = train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "set", [0, 1], progress=False)
+    assert not (tmp_path / "set" / "activations").exists()  # nothing cached on disk
+    assert res.activations == layer_set.STREAMED and res.runs[0].epochs > 1
+    for layer in (0, 1):
+        train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / f"alone{layer}", [layer], progress=False)
+        ours = _params(tmp_path / "set" / res.coders[str(layer)])
+        theirs = _params(tmp_path / f"alone{layer}" / "layers" / f"L{layer}" / "coder")
+        for name, p in theirs.items():
+            torch.testing.assert_close(ours[name], p, atol=1e-5, rtol=0, msg=f"{layer} {name}")
+
+
+@pytest.mark.parametrize("source", ["model", "cache"])
+def test_a_stopped_set_resumes_bit_for_bit(source, corpus_cfg, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(_cfg("gpt2"), stream_block_tokens=150)
     tcfg = lm_train_config(n_steps=10, batch_size=64, log_every=5, checkpoint_every=4)
     coder_cfg = LMCoderConfig(k=4, expansion=2)
-    train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "whole", [0, 1], progress=False)
+    acts = None
+    if source == "cache":
+        acts = tmp_path / "acts"
+        collect(cfg, corpus_cfg, acts, layers=[0, 1], progress=False)
+    train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "whole", [0, 1], activations=acts, progress=False)
 
     calls = {"n": 0}
-    real = layer_set.LayersStream.next_batch
+    cls = layer_set.LayersStream if source == "cache" else ModelActivationStream
+    real = cls.next_batch
 
     def stop_after_five(self):
         calls["n"] += 1
@@ -74,14 +100,13 @@ def test_a_stopped_set_resumes_bit_for_bit(corpus_cfg, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self)
 
-    monkeypatch.setattr(layer_set.LayersStream, "next_batch", stop_after_five)
+    monkeypatch.setattr(cls, "next_batch", stop_after_five)
     with pytest.raises(KeyboardInterrupt):
-        train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "stopped", [0, 1],
-                  activations=tmp_path / "whole" / "activations", progress=False)
+        train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "stopped", [0, 1], activations=acts, progress=False)
     assert not (tmp_path / "stopped" / "set.json").exists()
-    monkeypatch.setattr(layer_set.LayersStream, "next_batch", real)
-    res = train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "stopped", [0, 1],
-                    activations=tmp_path / "whole" / "activations", resume=True, progress=False)
+    monkeypatch.setattr(cls, "next_batch", real)
+    res = train_set(cfg, corpus_cfg, coder_cfg, tcfg, tmp_path / "stopped", [0, 1], activations=acts,
+                    resume=True, progress=False)
     assert [r.steps for r in res.runs] == [10, 10]
     for layer in (0, 1):
         a = _params(tmp_path / "whole" / "layers" / f"L{layer}" / "coder")

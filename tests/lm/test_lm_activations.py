@@ -13,7 +13,6 @@ from mechfaith.lm.activation_cache import (  # noqa: E402
 )
 from mechfaith.lm.activations import (  # noqa: E402
     ActivationConfig,
-    ModelActivationStream,
     ShuffleBuffer,
     iter_model_activations,
 )
@@ -107,22 +106,6 @@ def test_damaged_cache_is_reported(lm, contexts, tmp_path):
         ActivationCache(folder).read_shard(0, 0)
     with pytest.raises(CoderFileError, match="not an activation cache"):
         ActivationCache(tmp_path)
-
-
-def test_model_stream_batches_and_state(lm, contexts):
-    cfg = ActivationConfig(layers=[1], batch_contexts=3, buffer_tokens=16, batch_size=10, seed=0)
-    stream = ModelActivationStream(lm.model, contexts, 1, cfg)
-    xs = [stream.next_batch() for _ in range(12)]  # > one epoch (96 rows)
-    for x, y in xs:
-        assert x.shape == (10, 32)
-        torch.testing.assert_close(lm.adapter.mlp_function(1)(x), y, atol=1e-5, rtol=1e-4)
-    state = stream.state_dict()
-    assert state["epoch"] >= 1
-    other = ModelActivationStream(lm.model, contexts, 1, ActivationConfig(layers=[1], batch_size=10))
-    other.load_state_dict(state)
-    assert other.state_dict() == state
-    with pytest.raises(ConfigError):
-        other.load_state_dict({"kind": "cached", "layer": 1})
 
 
 def test_config_checks():

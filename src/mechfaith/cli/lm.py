@@ -83,6 +83,26 @@ def _lm_train_defaults() -> dict[str, Any]:
     return dict(LM_TRAIN_DEFAULTS)
 
 
+def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser("train", help="train a transcoder (or SAE) of one layer's MLP", formatter_class=fmt)
+    p.add_argument("--out", default="lm-run", help="run folder (coder/, train.json, metrics.jsonl, ...)")
+    p.add_argument("--activations", default=None,
+                   help="train from this activation cache (default: collect into OUT/activations; with "
+                        "--layers: stream every layer straight from the model, no cache)")
+    p.add_argument("--sae-site", default="input", choices=("input", "output"),
+                   help="for --kind sae: reconstruct the cached input or output site")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
+    p.add_argument("--layers", default=None,
+                   help="train a coder at each of these layers together, from one forward pass per batch: 'all', a "
+                        "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
+                        "OUT/layers/L<l>/; replaces --layer)")
+    _common(p)
+    _add_lm_args(p, coder=True, train=True)
+    _set_default_help(p, _lm_train_defaults())
+    p.set_defaults(func=run, lm_func=_run_train)
+
+
 def add_parser(subparsers) -> None:
     lm = subparsers.add_parser("lm", help="transcoders / SAEs of language-model MLPs",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,27 +114,13 @@ def add_parser(subparsers) -> None:
                        formatter_class=fmt)
     p.add_argument("--out", default="lm-activations", help="cache folder (replaced whole)")
     p.add_argument("--layers", default=None,
-                   help="comma-separated layers collected in one pass (default: --layer)")
+                   help="layers collected in one pass: 'all', a range like 0-29 or a list like 1,3,5 "
+                        "(default: --layer); a set trains from it with lm train --layers ... --activations")
     _common(p)
     _add_lm_args(p, coder=False, train=False)
     p.set_defaults(func=run, lm_func=_run_collect)
 
-    p = sub.add_parser("train", help="train a transcoder (or SAE) of one layer's MLP", formatter_class=fmt)
-    p.add_argument("--out", default="lm-run", help="run folder (coder/, train.json, metrics.jsonl, ...)")
-    p.add_argument("--activations", default=None,
-                   help="train from this activation cache (default: collect into OUT/activations)")
-    p.add_argument("--sae-site", default="input", choices=("input", "output"),
-                   help="for --kind sae: reconstruct the cached input or output site")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
-    p.add_argument("--layers", default=None,
-                   help="train a coder at each of these layers together, from one collection: 'all', a "
-                        "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
-                        "OUT/layers/L<l>/; replaces --layer)")
-    _common(p)
-    _add_lm_args(p, coder=True, train=True)
-    _set_default_help(p, _lm_train_defaults())
-    p.set_defaults(func=run, lm_func=_run_train)
+    _add_train_parser(sub, fmt)
 
     p = sub.add_parser("eval", help="splice a trained coder into its model on held-out text",
                        formatter_class=fmt)
@@ -197,14 +203,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_collect(args: argparse.Namespace) -> int:
     from mechfaith.lm.collect import collect
+    from mechfaith.lm.layer_set import parse_layers
+    from mechfaith.lm.model_cache import get_model
 
     lm_cfg, corpus_cfg, _, _ = _configs(args, coder=False, train=False)
     layers = None
     if args.layers:
-        try:
-            layers = [int(v) for v in args.layers.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+        layers = parse_layers(args.layers, get_model(lm_cfg).adapter.n_layers)
     s = collect(lm_cfg, corpus_cfg, args.out, layers=layers, progress=_progress(args))
     print(f"collected {s.n_tokens} tokens x layers {s.layers} of {s.model} "
           f"({s.input_site} -> {s.output_site}) in {s.seconds:.0f} s "
@@ -265,7 +270,7 @@ def _run_train_set(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: Corpu
     layers = parse_layers(args.layers, get_model(lm_cfg).adapter.n_layers)
     r = train_set(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, layers, activations=args.activations,
                   sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
-    print(f"trained {len(r.layers)} coders of {r.model} together: collect {r.collect_seconds:.0f} s, "
+    print(f"trained {len(r.layers)} coders of {r.model} together from {r.activations}: "
           f"train {r.train_seconds:.0f} s, total {r.total_seconds:.0f} s")
     print("  layer   FVE     L0   dead")
     for s in r.runs:

@@ -9,7 +9,9 @@ Modules (import them directly; none imports transformers at import time except t
 - ``models``: offline built-ins (``smollm2-135m``, ``minilm-l6-v2``, ``gpt2-random``), hub names,
   tiny random models for tests.
 - ``activations``: ``ActivationConfig``; one-pass multi-layer collection with early stop, shuffle
-  buffer, the batch stream straight from the model (``ModelActivationStream``).
+  buffer.
+- ``model_stream``: batches of one or many layers straight from the model, exactly resumable
+  (``ModelActivationStream``; no disk cache).
 - ``activation_cache``: the on-disk activation cache (safetensors shards, ``index.json``), its
   reader and its exactly resumable batch stream (``CachedActivationStream``).
 - ``config``: ``LMConfig``, ``LMCoderConfig`` and the LM training defaults.

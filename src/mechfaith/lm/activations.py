@@ -7,9 +7,7 @@
   collecting layer 15 of 30 costs about half a forward pass.
 - :class:`ShuffleBuffer` mixes rows from many contexts: memory is bounded by its capacity, not by
   the corpus.
-- :class:`ModelActivationStream`: a batch stream for the trainer (``next_batch() -> (x, y)``,
-  ``state_dict()``, ``load_state_dict()``) straight from the model; resumes at the next unread
-  context with an empty buffer.
+- The batch stream straight from the model is :class:`mechfaith.lm.model_stream.ModelActivationStream`.
 - :func:`hash_keys` / :func:`seeded_perm`: stable seeds and permutations shared with the on-disk
   cache's stream (:mod:`mechfaith.lm.activation_cache`).
 """
@@ -178,68 +176,3 @@ def hash_keys(*keys: int) -> int:
     for k in keys:
         h = ((h ^ (int(k) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
     return h
-
-
-class ModelActivationStream:
-    """Endless ``(x, y)`` batches of one layer, computed from the model on the fly.
-
-    Each epoch reads the contexts in a seeded random order, ``batch_contexts`` per forward pass,
-    through a :class:`ShuffleBuffer`. The state is (epoch, next context); resuming starts from the
-    next unread context with an empty buffer (rows that sat in the buffer at save time are skipped).
-    """
-
-    def __init__(self, model: Any, contexts: Tensor, layer: int, cfg: ActivationConfig | None = None,
-                 device: str | torch.device = "cpu") -> None:
-        self.adapter = get_adapter(model)
-        self.contexts = check_contexts(contexts)
-        self.layer = self.adapter.check_layer(int(layer))
-        self.cfg = cfg or ActivationConfig(layers=[layer])
-        self.device = torch.device(device)
-        self.epoch, self.next_context = 0, 0
-        self._reset_buffer()
-
-    def _reset_buffer(self) -> None:
-        self.buffer = ShuffleBuffer(self.cfg.buffer_tokens,
-                                    torch.Generator().manual_seed(hash_keys(self.cfg.seed, self.epoch, self.next_context)))
-        self._ready: list[tuple[Tensor, Tensor]] = []
-        self._ready_rows = 0
-
-    def _order(self) -> Tensor:
-        return seeded_perm(self.contexts.shape[0], self.cfg.seed, self.epoch, 2)
-
-    def _fill(self) -> None:
-        order = self._order()
-        idx = order[self.next_context:self.next_context + self.cfg.batch_contexts]
-        self.next_context += idx.numel()
-        batch = next(iter_model_activations(self.adapter, self.contexts[idx], [self.layer], self.cfg.input_site,
-                                            self.cfg.output_site, self.cfg.batch_contexts, self.cfg.exclude_bos))
-        x, y = batch[self.layer]
-        chunks = self.buffer.add(x, y)
-        if self.next_context >= self.contexts.shape[0]:
-            chunks += self.buffer.flush()
-            self.epoch += 1
-            self.next_context = 0
-        for cx, cy in chunks:
-            self._ready.append((cx, cy))
-            self._ready_rows += cx.shape[0]
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        while self._ready_rows < self.cfg.batch_size:
-            self._fill()
-        xs = torch.cat([r[0] for r in self._ready])
-        ys = torch.cat([r[1] for r in self._ready])
-        b = self.cfg.batch_size
-        self._ready = [(xs[b:], ys[b:])] if xs.shape[0] > b else []
-        self._ready_rows = xs.shape[0] - b
-        return xs[:b].to(self.device), ys[:b].to(self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "model", "layer": self.layer, "seed": self.cfg.seed, "epoch": self.epoch,
-                "next_context": self.next_context}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "model" or int(state.get("layer", -1)) != self.layer:
-            raise ConfigError(f"stream state is for another stream ({state.get('kind')}, layer {state.get('layer')})")
-        self.cfg.seed = int(state["seed"])
-        self.epoch, self.next_context = int(state["epoch"]), int(state["next_context"])
-        self._reset_buffer()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.jsonio import json_safe, write_json
@@ -21,8 +23,9 @@ from mechfaith.lm.activation_cache import INDEX_NAME, ActivationCache, write_act
 from mechfaith.lm.activations import ActivationConfig
 from mechfaith.lm.adapters import ModelAdapter
 from mechfaith.lm.config import LMConfig
-from mechfaith.lm.corpus import CorpusConfig, get_corpus
+from mechfaith.lm.corpus import Corpus, CorpusConfig, get_corpus
 from mechfaith.lm.model_cache import get_model, resolve_layer
+from mechfaith.lm.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,21 @@ def check_sites(adapter: ModelAdapter, cfg: LMConfig) -> None:
                           f"uses {adapter.family.norm_kind} (use mlp_out)")
 
 
+def training_contexts(lm: LoadedModel, cfg: LMConfig, corpus_cfg: CorpusConfig, corpus: Corpus | None = None
+                      ) -> tuple[Tensor, int]:
+    """The first training contexts holding about ``cfg.train_tokens`` tokens (BOS left out when
+    excluded; all of them when the corpus is smaller) and the number of tokens they hold."""
+    corpus = corpus or get_corpus(lm, corpus_cfg)
+    per_context = corpus_cfg.context_length - (1 if cfg.exclude_bos else 0)
+    n_contexts = math.ceil(cfg.train_tokens / per_context)
+    available = int(corpus.train.shape[0])
+    if n_contexts > available:
+        log.warning("the corpus has only %d training contexts (%d tokens); using all of them",
+                    available, available * per_context)
+        n_contexts = available
+    return corpus.train[:n_contexts], n_contexts * per_context
+
+
 def collect(cfg: LMConfig, corpus_cfg: CorpusConfig, folder: str | Path, *,
             layers: list[int] | None = None, progress: bool = True) -> CollectResult:
     """Collect ``layers`` (default: ``cfg.layer``) in one pass over about ``cfg.train_tokens``
@@ -76,19 +94,14 @@ def collect(cfg: LMConfig, corpus_cfg: CorpusConfig, folder: str | Path, *,
     check_sites(adapter, cfg)
     layers = [resolve_layer(adapter, l) for l in (layers or [cfg.layer])]
     corpus = get_corpus(lm, corpus_cfg)
-    per_context = corpus_cfg.context_length - (1 if cfg.exclude_bos else 0)
-    n_contexts = math.ceil(cfg.train_tokens / per_context)
-    available = int(corpus.train.shape[0])
-    if n_contexts > available:
-        log.warning("the corpus has only %d training contexts (%d tokens); collecting all of them",
-                    available, available * per_context)
-        n_contexts = available
+    contexts, _ = training_contexts(lm, cfg, corpus_cfg, corpus)
+    n_contexts = int(contexts.shape[0])
     act_cfg = ActivationConfig(layers=layers, input_site=cfg.input_site, output_site=cfg.output_site,
                                batch_contexts=cfg.batch_contexts, exclude_bos=cfg.exclude_bos,
                                storage_dtype=cfg.storage_dtype, seed=corpus_cfg.seed)
     extra = {"lm": config_to_dict(cfg), "corpus": config_to_dict(corpus_cfg)}
     t0 = time.perf_counter()
-    write_activation_cache(adapter, corpus.train[:n_contexts], act_cfg, folder, model_name=lm.name,
+    write_activation_cache(adapter, contexts, act_cfg, folder, model_name=lm.name,
                            progress=progress, extra=extra)
     seconds = time.perf_counter() - t0
     cache = ActivationCache(folder)

@@ -38,13 +38,16 @@ class LMConfig:
     batch_contexts: int = doc("Contexts per forward pass of the model (collection and eval).", 32)
     storage_dtype: str = doc("dtype of the activation cache on disk.", "float32",
                              choices=tuple(STORAGE_DTYPES))
+    stream_block_tokens: int = doc("Rows per block when a set of layers trains straight from the model (each "
+                                   "block is shuffled and served in batches; memory: rows x layers x "
+                                   "(d_in + d_out) x 4 bytes, 1.1 GB for SmolLM2's 30 layers at 8192).", 8192)
     device: str = doc("Torch device for the model and the coder (cpu, cuda, ...).", "cpu")
     dtype: str = doc("dtype of the model's weights.", "float32", choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
         if self.layer < -1:
             raise ConfigError(f"LMConfig.layer must be >= 0 (or -1 for the middle layer), got {self.layer}")
-        for name in ("train_tokens", "eval_contexts", "batch_contexts"):
+        for name in ("train_tokens", "eval_contexts", "batch_contexts", "stream_block_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LMConfig.{name} must be positive, got {getattr(self, name)}")
 

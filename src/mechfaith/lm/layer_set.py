@@ -1,18 +1,25 @@
 """A transcoder (or SAE) at every requested layer, trained together: a replacement set.
 
-:func:`train_set` collects the (input, output) pairs of all the layers in one pass over the text
-(one forward pass per batch, stopping after the last layer; :func:`~mechfaith.lm.collect.collect`),
-then trains one coder per layer in one :class:`~mechfaith.training.engine.Engine`: each layer's
-:class:`~mechfaith.training.trainer.Trainer` keeps its own Adam, schedules, dead-latent state and
-optional Jacobian matching against its own MLP, and all of them step on one batch per layer from
-one :class:`LayersStream`. Every layer ends exactly as :func:`~mechfaith.lm.train.train_coder`
-would train it alone from the same cache (a test checks); a stopped run resumes from the layers'
-checkpoints together.
+:func:`train_set` trains one coder per layer in one :class:`~mechfaith.training.engine.Engine`:
+each layer's :class:`~mechfaith.training.trainer.Trainer` keeps its own Adam, schedules, dead-latent
+state and optional Jacobian matching against its own MLP, and all of them step together on one
+batch per layer. The batches come
 
-Outputs in the set folder: ``activations/`` (unless given), ``layers/L<l>/`` (one ``lm train`` run
-folder per layer: ``coder/``, ``metrics.jsonl``, ``checkpoint/``, ``train.json``) and ``set.json``
-(:class:`SetResult`, the manifest: model, layers, sites, each layer's coder folder, the training
-summaries).
+- by default straight from the model (:class:`~mechfaith.lm.model_stream.ModelActivationStream`):
+  one forward pass per block of text, stopping after the last layer, captures every layer at once;
+  memory is one block of rows per layer (``LMConfig.stream_block_tokens``), not the corpus, and
+  nothing is written to disk. Each coder is initialised from the first block's rows;
+- or from an activation cache collected beforehand (``activations=``, e.g. ``lm collect --layers
+  all``, bfloat16 shards if wanted), which several sets and sweeps can reuse (:class:`LayersStream`).
+  Every layer then ends exactly as :func:`~mechfaith.lm.train.train_coder` would train it alone
+  from the same cache (a test checks).
+
+A stopped run resumes from the layers' checkpoints together, bit for bit (the stream's position is
+in every checkpoint; the model stream recomputes the block it was in).
+
+Outputs in the set folder: ``layers/L<l>/`` (one ``lm train`` run folder per layer: ``coder/``,
+``metrics.jsonl``, ``checkpoint/``, ``train.json``) and ``set.json`` (:class:`SetResult`, the
+manifest: model, layers, sites, each layer's coder folder, the training summaries).
 """
 
 from __future__ import annotations
@@ -23,18 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
+from mechfaith.lm.activations import ActivationConfig
 from mechfaith.lm.coder_files import CODER_DIR
-from mechfaith.lm.collect import cache_matches, collect
+from mechfaith.lm.collect import check_sites, training_contexts
 from mechfaith.lm.config import LMCoderConfig, LMConfig
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.model_cache import get_model, resolve_layer
-from mechfaith.lm.train import ACTIVATIONS_DIR, ColumnStream, TrainCoderResult, finish_coder_run, prepare_coder_run
+from mechfaith.lm.model_stream import ModelActivationStream
+from mechfaith.lm.train import ColumnStream, LayerData, TrainCoderResult, finish_coder_run, prepare_coder_run
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.engine import Engine
 
 SET_JSON = "set.json"
+STREAMED = "model (streamed, no cache)"
 SET_FORMAT = "mechfaith.coder_set"
 LAYERS_DIR = "layers"
 
@@ -96,7 +107,6 @@ class SetResult:
     coders: dict[str, str]  # layer -> coder folder, relative to the set folder
     activations: str
     runs: list[TrainCoderResult]
-    collect_seconds: float
     train_seconds: float
     total_seconds: float
 
@@ -113,35 +123,48 @@ class SetResult:
         return cls(**{k: data[k] for k in names}, runs=[TrainCoderResult.from_json(r) for r in data["runs"]])
 
 
-def _set_cache(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, layers: list[int], activations: str | Path | None,
-               progress: bool) -> tuple[Path, float]:
-    """The activation cache of every layer (collected in one pass into ``out/activations`` unless
-    given or already there with the same settings) and the seconds spent collecting."""
-    if activations is not None:
-        return Path(activations), 0.0
-    folder = out / ACTIVATIONS_DIR
-    name = get_model(cfg).name
-    if all(cache_matches(folder, name, l, cfg, corpus_cfg) for l in layers):
-        return folder, 0.0
-    return folder, collect(cfg, corpus_cfg, folder, layers=layers, progress=progress).seconds
+def model_stream(cfg: LMConfig, corpus_cfg: CorpusConfig, layers: list[int], train_cfg: TrainConfig
+                 ) -> tuple[ModelActivationStream, list[LayerData]]:
+    """The batches of every layer straight from the model (about ``cfg.train_tokens`` distinct
+    training tokens, seeded by the training seed) and each layer's data, initialised from the first block."""
+    lm = get_model(cfg)
+    check_sites(lm.adapter, cfg)
+    contexts, unique_tokens = training_contexts(lm, cfg, corpus_cfg)
+    act_cfg = ActivationConfig(layers=list(layers), input_site=cfg.input_site, output_site=cfg.output_site,
+                               batch_contexts=cfg.batch_contexts, exclude_bos=cfg.exclude_bos,
+                               buffer_tokens=cfg.stream_block_tokens, batch_size=train_cfg.batch_size,
+                               seed=train_cfg.seed)
+    stream = ModelActivationStream(lm.adapter, contexts, layers, act_cfg, device=cfg.device)
+    corpus = config_to_dict(corpus_cfg)
+    data = [LayerData(layer, lm.name, int(x.shape[1]), int(y.shape[1]), (x, y), STREAMED, corpus, unique_tokens)
+            for layer, (x, y) in zip(layers, stream.current_block())]
+    return stream, data
 
 
 def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
               out: str | Path, layers: Sequence[int], *, activations: str | Path | None = None,
               sae_site: str = "input", resume: bool = False, progress: bool = True) -> SetResult:
     """Train one coder per layer of ``layers`` together (module docstring); write ``out/set.json``.
-    ``sae_site``: for SAEs, whether they reconstruct the cached ``input`` or ``output`` site."""
+    ``activations``: train from this cache instead of the model's stream. ``sae_site``: for SAEs,
+    whether they reconstruct the ``input`` or ``output`` site."""
     out = Path(out)
     t0 = time.perf_counter()
     adapter = get_model(cfg).adapter
     layers = sorted({resolve_layer(adapter, l) for l in layers})
     if not layers:
         raise ConfigError("a set needs at least one layer")
-    cache, collect_seconds = _set_cache(cfg, corpus_cfg, out, layers, activations, progress)
-    runs = [prepare_coder_run(dataclasses.replace(cfg, layer=l), corpus_cfg, coder_cfg, train_cfg,
-                              out / LAYERS_DIR / f"L{l}", activations=cache, sae_site=sae_site,
-                              progress=progress) for l in layers]
-    stream = LayersStream({r.layer: r.stream() for r in runs})
+    stream: LayersStream | ColumnStream
+    if activations is None:
+        model_batches, data = model_stream(cfg, corpus_cfg, layers, train_cfg)
+        runs = [prepare_coder_run(dataclasses.replace(cfg, layer=d.layer), corpus_cfg, coder_cfg, train_cfg,
+                                  out / LAYERS_DIR / f"L{d.layer}", data=d, sae_site=sae_site, progress=progress)
+                for d in data]
+        stream = ColumnStream(model_batches, [r.mode for r in runs])
+    else:
+        runs = [prepare_coder_run(dataclasses.replace(cfg, layer=l), corpus_cfg, coder_cfg, train_cfg,
+                                  out / LAYERS_DIR / f"L{l}", activations=activations, sae_site=sae_site,
+                                  progress=progress) for l in layers]
+        stream = LayersStream({r.layer: r.stream() for r in runs})
     results = Engine([r.trainer for r in runs], desc=f"set of {len(runs)} layers").fit(stream, resume=resume)
     summaries: list[TrainCoderResult] = []
     diverged: TrainingDiverged | None = None
@@ -156,7 +179,7 @@ def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
     result = SetResult(
         model=first.model_name, layers=layers, input_site=first.input_site, output_site=first.output_site,
         coders={str(r.layer): str(Path(LAYERS_DIR) / f"L{r.layer}" / CODER_DIR) for r in runs},
-        activations=str(cache), runs=summaries, collect_seconds=round(collect_seconds, 2),
+        activations=str(activations) if activations is not None else STREAMED, runs=summaries,
         train_seconds=round(results[0].elapsed_s, 2), total_seconds=round(time.perf_counter() - t0, 2))
     write_json(out / SET_JSON, result.to_json())
     return result

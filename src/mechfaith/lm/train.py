@@ -48,14 +48,16 @@ def _columns(x: Tensor, y: Tensor, mode: str) -> tuple[Tensor, Tensor | None]:
 
 
 class ColumnStream:
-    """A cached stream served as ``(x, y)`` (transcoder), ``(x, None)`` (SAE of the input) or
-    ``(y, None)`` (SAE of the output); resumable through the cached stream's state.
+    """A stream served as ``(x, y)`` (transcoder), ``(x, None)`` (SAE of the input) or ``(y, None)``
+    (SAE of the output); resumable through the underlying stream's state.
 
-    With a sequence of modes, one batch per engine member: ``((x_1, ...), (y_1, ...))`` from one
-    read of the cache (a sweep trains all its coders from one stream).
+    With a sequence of modes, one batch per engine member: ``((x_1, ...), (y_1, ...))``, either
+    all from one ``(x, y)`` (a sweep trains all its coders from one read of the cache) or, when the
+    underlying stream serves one ``(x_l, y_l)`` per layer (``((x_l, ...), (y_l, ...))``), the i-th
+    mode applied to the i-th layer's pair (a set of layers).
     """
 
-    def __init__(self, stream: CachedActivationStream, mode: str | Sequence[str] = "xy") -> None:
+    def __init__(self, stream: Any, mode: str | Sequence[str] = "xy") -> None:
         modes = [mode] if isinstance(mode, str) else list(mode)
         if not modes or any(m not in ("xy", "x", "y") for m in modes):
             raise ConfigError(f"ColumnStream modes must be xy, x or y, not {mode!r}")
@@ -65,7 +67,10 @@ class ColumnStream:
         x, y = self.stream.next_batch()
         if isinstance(self.mode, str):
             return _columns(x, y, self.mode)
-        pairs = [_columns(x, y, m) for m in self.mode]
+        if isinstance(x, tuple):
+            pairs = [_columns(xi, yi, m) for xi, yi, m in zip(x, y, self.mode, strict=True)]
+        else:
+            pairs = [_columns(x, y, m) for m in self.mode]
         return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
     def state_dict(self) -> dict[str, Any]:
@@ -73,6 +78,27 @@ class ColumnStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+
+
+@dataclass
+class LayerData:
+    """Where one layer's training rows come from: an activation cache, or the model itself
+    (streamed, :class:`~mechfaith.lm.model_stream.ModelActivationStream`)."""
+
+    layer: int
+    model_name: str
+    d_in: int
+    d_out: int
+    init_rows: tuple[Tensor, Tensor]  # (x, y) rows the coder is initialised from
+    source: str  # the cache folder, or "model" when streamed
+    corpus: dict[str, Any] | None
+    unique_tokens: int  # distinct training tokens available
+    cache: ActivationCache | None = None
+
+    @classmethod
+    def from_cache(cls, cache: ActivationCache, layer: int, model_name: str) -> LayerData:
+        return cls(layer, model_name, cache.d_in, cache.d_out, cache.read_shard(layer, 0), str(cache.folder),
+                   cache.index.get("extra", {}).get("corpus"), cache.n_tokens, cache)
 
 
 @dataclass
@@ -135,18 +161,18 @@ def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: 
     return cache, found, cfg, collect_seconds
 
 
-def _coder_layout(cfg: LMConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig, cache: ActivationCache,
+def _coder_layout(cfg: LMConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig, data: LayerData,
                   sae_site: str) -> tuple[CoderConfig, str, str, str]:
     """The coder's config, the stream mode (xy / x / y) and the coder's input and output sites."""
     if sae_site not in ("input", "output"):
         raise ConfigError(f"sae_site must be 'input' or 'output', not {sae_site!r}")
     if coder_cfg.kind == "sae":
-        d = cache.d_in if sae_site == "input" else cache.d_out
+        d = data.d_in if sae_site == "input" else data.d_out
         site = cfg.input_site if sae_site == "input" else cfg.output_site
         mode = "x" if sae_site == "input" else "y"
         ccfg, in_site, out_site = coder_cfg.coder_config(d, d), site, site
     else:
-        ccfg = coder_cfg.coder_config(cache.d_in, cache.d_out)
+        ccfg = coder_cfg.coder_config(data.d_in, data.d_out)
         mode, in_site, out_site = "xy", cfg.input_site, cfg.output_site
     if ccfg.activation == "relu" and train_cfg.sparsity == "none":
         raise ConfigError("a ReLU coder needs a sparsity penalty: add --sparsity l1 (and a --sparsity-coef)")
@@ -163,43 +189,54 @@ class CoderRun:
 
     out: Path
     trainer: Trainer
-    mode: str  # the cache's columns it trains on: xy (transcoder), x or y (SAE)
-    cache: ActivationCache
-    layer: int
+    mode: str  # the columns it trains on: xy (transcoder), x or y (SAE)
+    data: LayerData
     coder_config: CoderConfig
     lm_coder_config: LMCoderConfig
-    model_name: str
     input_site: str
     output_site: str
     init: DataInit
     collect_seconds: float
     started: float  # perf_counter() when the run was set up
 
+    @property
+    def layer(self) -> int:
+        return self.data.layer
+
+    @property
+    def model_name(self) -> str:
+        return self.data.model_name
+
     def stream(self, modes: str | Sequence[str] | None = None) -> ColumnStream:
         """The cached batches this run trains on (the seed is the TrainConfig's); ``modes``: serve
         them to several runs at once instead (see :class:`ColumnStream`)."""
+        if self.data.cache is None:
+            raise ConfigError(f"layer {self.layer} is trained from the model's stream, not from a cache")
         tcfg = self.trainer.cfg
-        return ColumnStream(CachedActivationStream(self.cache, self.layer, tcfg.batch_size, seed=tcfg.seed,
+        return ColumnStream(CachedActivationStream(self.data.cache, self.layer, tcfg.batch_size, seed=tcfg.seed,
                                                    device=tcfg.device), self.mode if modes is None else modes)
 
 
 def prepare_coder_run(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
-                      out: str | Path, *, activations: str | Path | None = None, sae_site: str = "input",
-                      progress: bool = True) -> CoderRun:
-    """Everything :func:`train_coder` does before the training loop (see there)."""
+                      out: str | Path, *, activations: str | Path | None = None, data: LayerData | None = None,
+                      sae_site: str = "input", progress: bool = True) -> CoderRun:
+    """Everything :func:`train_coder` does before the training loop (see there). ``data``: the
+    layer's rows come from there (e.g. the model's stream) instead of an activation cache."""
     out = Path(out)
     t_start = time.perf_counter()
-    cache, layer, cfg, collect_seconds = _cache_for(cfg, corpus_cfg, out, activations, progress)
-    model_name = str(cache.index.get("model", cfg.model))
-    ccfg, mode, in_site, out_site = _coder_layout(cfg, coder_cfg, train_cfg, cache, sae_site)
+    collect_seconds = 0.0
+    if data is None:
+        cache, layer, cfg, collect_seconds = _cache_for(cfg, corpus_cfg, out, activations, progress)
+        data = LayerData.from_cache(cache, layer, str(cache.index.get("model", cfg.model)))
+    ccfg, mode, in_site, out_site = _coder_layout(cfg, coder_cfg, train_cfg, data, sae_site)
     reference = None
     if train_cfg.jacobian_coef > 0:
-        lm = get_model(dataclasses.replace(cfg, model=model_name))
-        reference = lm.adapter.mlp_function(layer, cfg.input_site, cfg.output_site)
+        lm = get_model(dataclasses.replace(cfg, model=data.model_name))
+        reference = lm.adapter.mlp_function(data.layer, cfg.input_site, cfg.output_site)
     train_cfg = dataclasses.replace(train_cfg, device=cfg.device)
 
     coder = SparseCoder(ccfg, generator=torch.Generator().manual_seed(coder_cfg.init_seed))
-    first_x, first_y = cache.read_shard(layer, 0)
+    first_x, first_y = data.init_rows
     rows_x = first_y if mode == "y" else first_x
     init = init_from_data(coder, rows_x, first_y if mode == "xy" else rows_x,
                           skip_init=coder_cfg.skip_init, latent_init_fraction=coder_cfg.latent_init_fraction,
@@ -208,20 +245,18 @@ def prepare_coder_run(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCode
         log.info("least-squares skip initialisation explains %.3f of the variance", init.skip_fve)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(coder, train_cfg, reference, log_path=out / "metrics.jsonl",
-                      checkpoint_dir=out / "checkpoint", progress=progress, desc=f"train L{layer}",
+                      checkpoint_dir=out / "checkpoint", progress=progress, desc=f"train L{data.layer}",
                       name=out.name)
-    return CoderRun(out, trainer, mode, cache, layer, ccfg, coder_cfg, model_name, in_site, out_site, init,
-                    collect_seconds, t_start)
+    return CoderRun(out, trainer, mode, data, ccfg, coder_cfg, in_site, out_site, init, collect_seconds, t_start)
 
 
 def finish_coder_run(run: CoderRun, result: TrainResult) -> TrainCoderResult:
     """Save the trained coder (when training completed) and ``train.json``; raise if it diverged."""
-    coder, out, cache = run.trainer.coder, run.out, run.cache
+    coder, out, data = run.trainer.coder, run.out, run.data
     coder.eval()
-    meta = {
+    meta: dict[str, Any] = {
         "source": "mechfaith lm train", "model": run.model_name, "layer": run.layer, "input_site": run.input_site,
-        "output_site": run.output_site, "activations": str(cache.folder),
-        "corpus": cache.index.get("extra", {}).get("corpus"),
+        "output_site": run.output_site, "activations": data.source, "corpus": data.corpus,
         "train_config": config_to_dict(run.trainer.cfg), "lm_coder_config": config_to_dict(run.lm_coder_config),
         "steps": result.steps_done, "tokens": result.tokens_seen, "status": result.status,
     }
@@ -232,7 +267,7 @@ def finish_coder_run(run: CoderRun, result: TrainResult) -> TrainCoderResult:
     summary = TrainCoderResult(
         **meta, coder_config=config_to_dict(run.coder_config),
         coder_folder=str(out / CODER_DIR) if result.ok else None, message=result.message,
-        unique_tokens=cache.n_tokens, epochs=result.tokens_seen / max(cache.n_tokens, 1),
+        unique_tokens=data.unique_tokens, epochs=result.tokens_seen / max(data.unique_tokens, 1),
         skip_lstsq_fve=run.init.skip_fve, final_train_metrics=final, train_seconds=round(result.elapsed_s, 2),
         collect_seconds=run.collect_seconds, total_seconds=round(time.perf_counter() - run.started, 2))
     write_json(out / TRAIN_JSON, summary.to_json())
