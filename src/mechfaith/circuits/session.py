@@ -1,7 +1,9 @@
 """Loading what a circuit analysis needs: a model, its transcoders (from coder folders), prompts.
 
 A transcoder is given as a path (a mechfaith coder or run folder, a SAELens folder, a released
-GPT-2 ``.pt``) whose metadata names its layer and sites, or as ``LAYER=PATH`` to say the layer.
+GPT-2 ``.pt``) whose metadata names its layer and sites, or as ``LAYER=PATH`` to say the layer; a
+set folder (``set.json``, from ``lm train --layers``) stands for every layer's transcoder of the set
+(:func:`expand_coder_specs`, the one place specs are read).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import Tensor
 from mechfaith.circuits.replacement import TC_INPUT_SITES, Transcoder
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.coder_files import open_coder
+from mechfaith.lm.coder_set import is_coder_set, set_coder_folders
 from mechfaith.lm.corpus import ByteTokenizer
+from mechfaith.lm.layer_set import layers_text
 from mechfaith.lm.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -66,16 +70,34 @@ class CircuitSession:
         return int(ids[0])
 
 
-def load_transcoders(specs: Sequence[str]) -> tuple[dict[int, Transcoder], str | None]:
-    """Transcoders from ``PATH`` or ``LAYER=PATH`` specs; also the model named in their metadata."""
-    tcs: dict[int, Transcoder] = {}
-    model_name = None
+def expand_coder_specs(specs: Sequence[str]) -> list[tuple[int | None, str]]:
+    """(layer or None, path) of each ``PATH`` or ``LAYER=PATH`` spec, a set folder expanded into
+    each of its layers' coders (its manifest checked whole first; a set names its layers, so
+    ``LAYER=SET`` is refused)."""
+    out: list[tuple[int | None, str]] = []
     for spec in specs:
         layer: int | None = None
         path = spec
         if "=" in spec and spec.split("=", 1)[0].strip().isdigit():
             layer_s, path = spec.split("=", 1)
             layer = int(layer_s)
+        if not is_coder_set(path):
+            out.append((layer, path))
+            continue
+        folders = set_coder_folders(path)
+        if layer is not None:
+            raise ConfigError(f"{path} is a coder set of layers {layers_text(folders)}: give it without {layer}= "
+                              f"(it names its layers), or give one layer's coder folder")
+        out.extend((l, str(p)) for l, p in folders.items())
+    return out
+
+
+def load_transcoders(specs: Sequence[str]) -> tuple[dict[int, Transcoder], str | None]:
+    """Transcoders from ``PATH``, ``LAYER=PATH`` or set-folder specs (:func:`expand_coder_specs`); also the
+    model named in their metadata."""
+    tcs: dict[int, Transcoder] = {}
+    model_name = None
+    for layer, path in expand_coder_specs(specs):
         ref = open_coder(path)
         layer = layer if layer is not None else ref.layer
         if layer is None:

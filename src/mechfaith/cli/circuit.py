@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
                    help="transcoder folders (mechfaith, SAELens or GPT-2 .pt); LAYER= when the file "
-                        "does not say its layer")
+                        "does not say its layer; a set folder (set.json, from lm train --layers) gives "
+                        "every layer's transcoder of the set")
     p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
     p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
     root = p.add_mutually_exclusive_group(required=True)

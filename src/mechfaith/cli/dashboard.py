@@ -16,7 +16,8 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("dashboard", help="HTML dashboards of transcoder features",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH", help="transcoder folders")
+    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
+                   help="transcoder folders, or a set folder (set.json, from lm train --layers) for all its layers")
     p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
     p.add_argument("--features", required=True, help="LAYER:INDEX,... or LAYER:topN (densest N)")
     p.add_argument("--corpus-source", default="shakespeare", help="corpus (see mechfaith lm)")

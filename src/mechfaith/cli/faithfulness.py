@@ -6,7 +6,9 @@
   the exact Jacobians, datapoint features (optionally on a sample with a planted repeated
   passage), the error off distribution (shuffled tokens, another text, noise) and gradient-masking
   signs. Writes ``faithfulness.json`` and a self-contained ``report.html`` into --out (default:
-  ``RUN/faithfulness/`` beside the coder).
+  ``RUN/faithfulness/`` beside the coder). For a set folder (``set.json``, from ``lm train
+  --layers``) the report is of one layer, chosen with ``--layer L`` (default out:
+  ``SET/layers/L<l>/faithfulness/``); without ``--layer`` the error lists the set's layers.
 - ``experiment``: the toy model's question on a real LM. Plant a repeated passage into a share of
   the training contexts (0%, 1%, 5%), train TopK transcoders of one MLP with and without Jacobian
   matching at a few k, over 2 seeds, and report memorization of the passage, Jacobian error (held
@@ -47,11 +49,13 @@ def add_parser(subparsers) -> None:
     sub.required = True
     p = sub.add_parser("report", help="faithfulness report (JSON + HTML) of a trained LM transcoder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("coder", help="run folder or coder folder (from mechfaith lm train), or a SAELens folder")
+    p.add_argument("coder", help="run folder or coder folder (from mechfaith lm train), a SAELens folder, or a set "
+                                 "folder (set.json, from lm train --layers) with --layer")
     p.add_argument("--out", default=None, help="output folder (default: faithfulness/ beside the coder)")
     p.add_argument("--config", default=None, help="TOML or YAML file with sections " + ", ".join(f"[{s}]" for s in SECTIONS))
     p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
-    p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's); for a set: which "
+                                                              "layer's coder to report on (required)")
     p.add_argument("--corpus-source", default=None, help="text source (default: the coder's corpus)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -144,18 +148,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_report(args: argparse.Namespace) -> int:
     from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.lm.coder_set import is_coder_set, set_layer_coder
     from mechfaith.lm.config import LMConfig
     from mechfaith.lm.faithfulness import lm_faithfulness
     from mechfaith.reports.faithfulness_report import write_faithfulness_html
 
     fcfg, lcfg = configs(args)
+    coder, layer_given = str(args.coder), args.layer is not None
+    if is_coder_set(coder):  # --layer picks the set's coder (which knows its layer); it overrides nothing
+        coder, layer_given = str(set_layer_coder(coder, args.layer)), False
     base = LMConfig()
     lm_cfg = dataclasses.replace(base, model=args.model or base.model,
                                  layer=args.layer if args.layer is not None else base.layer,
                                  device=args.device, dtype=args.dtype)
-    corpus_cfg = coder_corpus_with_source(args.coder, args.corpus_source)
-    rep = lm_faithfulness(args.coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=args.out,
-                          model_given=args.model is not None, layer_given=args.layer is not None,
+    corpus_cfg = coder_corpus_with_source(coder, args.corpus_source)
+    rep = lm_faithfulness(coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=args.out,
+                          model_given=args.model is not None, layer_given=layer_given,
                           progress=not getattr(args, "quiet", False))
     folder = Path(rep.path).parent
     write_faithfulness_html(rep.to_json(), folder / "report.html",

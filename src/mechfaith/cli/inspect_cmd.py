@@ -1,4 +1,9 @@
-"""``mechfaith inspect PATH``: what a saved coder holds (config, tensors, training summary)."""
+"""``mechfaith inspect PATH``: what a saved coder holds (config, tensors, training summary).
+
+For a set folder (``set.json``, from ``lm train --layers``): the model, layers and sites, and per
+layer its coder (kind, activation, latents, shapes, parameters; every coder is fully loaded, so
+damage anywhere is reported) with its final training FVE, L0 and dead fraction from the manifest.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from mechfaith.reports.values import fmt_value
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("inspect", help="print a saved coder's config, shapes and training summary",
                               description=__doc__)
-    p.add_argument("path", help=f"a coder folder (or its {CONFIG_NAME} / {WEIGHTS_NAME})")
+    p.add_argument("path", help=f"a coder folder (or its {CONFIG_NAME} / {WEIGHTS_NAME}), or a set folder (set.json)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
 
@@ -31,7 +36,37 @@ def describe(path: str) -> dict[str, Any]:
             "training": meta.get("training", {})}
 
 
+def run_set(args: argparse.Namespace) -> int:
+    """``inspect SET``: the set's summary (:func:`~mechfaith.lm.coder_set.summarize_set`)."""
+    import dataclasses
+
+    from mechfaith.lm.coder_set import summarize_set
+    from mechfaith.lm.layer_set import SET_FORMAT, layers_text
+
+    info = summarize_set(args.path)
+    if args.json:
+        print(json.dumps({"format": SET_FORMAT, **dataclasses.asdict(info)}, indent=2, default=str))
+        return 0
+    print(f"{info.path}  ({SET_FORMAT}: {len(info.layers)} layers of {info.model}, {info.input_site} -> "
+          f"{info.output_site})")
+    print(f"  layers {layers_text(info.layers)}; trained together in {info.train_seconds:.1f} s "
+          f"(total {info.total_seconds:.1f} s); activations {info.activations}")
+    print("  layer  coder                     kind        activation   latents  d_in->d_out  skip     steps  "
+          "train FVE  L0     dead")
+    for r in info.per_layer:
+        act = r.activation + (f" k={r.k}" if r.k is not None else "")
+        print(f"  {r.layer:5d}  {r.coder:24s}  {r.kind:10s}  {act:11s}  {r.n_latents:7d}  "
+              f"{f'{r.d_in}->{r.d_out}':11s}  {'yes' if r.skip else 'no':4s}  {fmt_value(r.steps):>6s}  "
+              f"{fmt_value(r.train_fve, spec='.4f'):9s}  {fmt_value(r.train_l0, spec='.1f'):5s}  "
+              f"{fmt_value(r.train_dead_fraction, spec='.3f')}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    from mechfaith.lm.coder_set import is_coder_set
+
+    if is_coder_set(args.path):
+        return run_set(args)
     info = describe(args.path)
     if args.json:
         print(json.dumps(info, indent=2, default=str))

@@ -7,8 +7,8 @@ Every command writes its results as JSON next to its artefacts:
   ``checkpoint/`` and, unless --activations is given, the ``activations/`` cache it collected.
 - ``eval``: ``eval.json`` beside the coder folder (in its run folder) or --out.
 - ``sweep``: sweep folder (--out) with ``runs/``, ``sweep.json`` and ``sweep.png``.
-- ``export`` / ``import``: SAELens folders; ``import`` also reads the released GPT-2 transcoders
-  (``.pt``, through a restricted unpickler) and writes a mechfaith coder folder.
+- ``export`` / ``import``: SAELens folders (``export SET``: one per layer, ``OUT/L<l>/``, all or none);
+  ``import`` also reads the released GPT-2 transcoders (``.pt``, restricted unpickler) into a coder folder.
 
 Defaults (offline): SmolLM2-135M, its middle layer (15), Shakespeare, a TopK (k=64) transcoder with a
 linear skip (least-squares initialised), 4608 latents, Adam lr 5e-4, BOS excluded from training.
@@ -159,8 +159,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run, lm_func=_run_sweep)
 
     p = sub.add_parser("export", help="write a coder as a SAELens folder", formatter_class=fmt)
-    p.add_argument("coder", help="run folder or mechfaith coder folder")
-    p.add_argument("--out", required=True, help="SAELens folder to write")
+    p.add_argument("coder", help="run folder, mechfaith coder folder, or a set folder (set.json): every layer")
+    p.add_argument("--out", required=True, help="SAELens folder to write (for a set: a new folder, one L<l>/ per layer)")
     p.set_defaults(func=run, lm_func=_run_export)
 
     p = sub.add_parser("import", help="read a SAELens folder or a released GPT-2 transcoder (.pt)",
@@ -286,6 +286,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.lm.coder_set import is_coder_set
     from mechfaith.lm.config import LMConfig
     from mechfaith.lm.evaluate import evaluate
 
@@ -295,7 +296,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         eval_contexts=args.eval_contexts or base.eval_contexts,
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
-    if (Path(args.coder) / "set.json").is_file():
+    if is_coder_set(args.coder):
         return _run_eval_set(args, lm_cfg)
     corpus_cfg = coder_corpus_with_source(args.coder, args.corpus_source)
     e = evaluate(args.coder, lm_cfg, corpus_cfg, out=args.out, keep_bos=args.keep_bos,
@@ -307,8 +308,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
     from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.lm.coder_set import read_set
     from mechfaith.lm.layer_set import LAYERS_DIR
-    from mechfaith.lm.set_eval import evaluate_set, read_set
+    from mechfaith.lm.set_eval import evaluate_set
     from mechfaith.reports.set_plot import plot_set_eval
 
     manifest = read_set(args.coder)
@@ -366,8 +368,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from mechfaith.lm.coder_files import open_coder
+    from mechfaith.lm.coder_set import export_set_saelens, is_coder_set
+    from mechfaith.lm.layer_set import layers_text
     from mechfaith.lm.saelens import export_saelens
 
+    if is_coder_set(args.coder):
+        written = export_set_saelens(args.coder, args.out)
+        print(f"wrote {len(written)} SAELens folders {Path(args.out) / 'L<l>'} (layers {layers_text(written)})")
+        return 0
     ref = open_coder(args.coder)
     export_saelens(ref.coder, args.out, layer=ref.layer, input_site=ref.input_site or "mlp_in",
                    output_site=ref.output_site or "mlp_out", model_name=ref.model or "")

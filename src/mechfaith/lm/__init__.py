@@ -32,6 +32,8 @@ Modules (import them directly; none imports transformers at import time except t
   (``SweepResult``; its figure is drawn by :mod:`mechfaith.reports.sweep_plot`).
 - ``layer_set``: a coder at every requested layer, collected in one pass and trained together
   (``train_set``, ``SetResult`` = ``set.json``, ``lm train --layers``).
+- ``coder_set``: a set as every command reads it: the checked manifest (``read_set``), each layer's
+  coder folder, one layer, SAELens export of every layer, the summary ``inspect SET`` shows.
 - ``set_eval``: a set spliced in all at once, each layer alone and every prefix, against the
   zero-ablated baseline (``evaluate_set``, ``SetEvalResult`` = ``SET/eval.json``, ``lm eval SET``).
 - ``faithfulness``: the tokens and reference of the faithfulness report of an LM transcoder.

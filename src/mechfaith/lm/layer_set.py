@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Sequence
 
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
@@ -47,6 +47,7 @@ from mechfaith.training.engine import Engine
 SET_JSON = "set.json"
 STREAMED = "model (streamed, no cache)"
 SET_FORMAT = "mechfaith.coder_set"
+SET_FORMAT_VERSION = 1
 LAYERS_DIR = "layers"
 
 
@@ -112,15 +113,72 @@ class SetResult:
 
     def to_json(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runs"}
-        return json_safe({"format": SET_FORMAT, "format_version": 1, **body,
+        return json_safe({"format": SET_FORMAT, "format_version": SET_FORMAT_VERSION, **body,
                           "runs": [r.to_json() for r in self.runs]})
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SetResult:
-        if data.get("format") != SET_FORMAT:
-            raise ConfigError(f"not a mechfaith coder set (format {data.get('format')!r})")
-        names = {f.name for f in dataclasses.fields(cls)} - {"runs"}
-        return cls(**{k: data[k] for k in names}, runs=[TrainCoderResult.from_json(r) for r in data["runs"]])
+    def from_json(cls, data: Any) -> SetResult:
+        """The manifest from its JSON, every field's type checked: a foreign, incomplete or mistyped
+        manifest, or a coder path that is absolute or climbs out of the set folder (``..``), raises
+        :class:`ConfigError` naming the field (whether the coders exist is for
+        :func:`~mechfaith.lm.coder_set.read_set`, which knows the folder)."""
+        if not isinstance(data, dict) or data.get("format") != SET_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ConfigError(f"not a mechfaith coder set (format {found!r})")
+        if data.get("format_version") != SET_FORMAT_VERSION:
+            raise ConfigError(f"format_version {data.get('format_version')!r} is not supported "
+                              f"(this mechfaith reads {SET_FORMAT_VERSION})")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ConfigError(f"missing field(s) {', '.join(missing)}")
+        for name in ("model", "input_site", "output_site", "activations"):
+            _check(isinstance(data[name], str), name, "a string")
+        for name in ("collect_seconds", "train_seconds", "total_seconds"):
+            _check(_is_number(data[name]), name, "a number")
+        layers = data["layers"]
+        _check(isinstance(layers, list) and bool(layers) and all(_is_int(l) and l >= 0 for l in layers)
+               and layers == sorted(set(layers)), "layers", "a non-empty ascending list of distinct layer numbers")
+        coders = data["coders"]
+        _check(isinstance(coders, dict) and sorted(coders) == sorted(str(l) for l in layers), "coders",
+               f"an object with one coder folder per layer ({', '.join(map(str, layers))})")
+        for key, rel in coders.items():
+            _check(isinstance(rel, str) and bool(rel) and not PurePosixPath(rel).is_absolute()
+                   and ".." not in PurePosixPath(rel).parts, f"coders[{key!r}]",
+                   f"a folder inside the set (relative, without '..'), not {rel!r}")
+        runs = data["runs"]
+        _check(isinstance(runs, list) and len(runs) == len(layers), "runs", "a list of one run per layer")
+        for i, (l, run) in enumerate(zip(layers, runs)):
+            metrics = run.get("final_train_metrics") if isinstance(run, dict) else None
+            _check(isinstance(run, dict) and _is_int(run.get("layer")) and run["layer"] == l
+                   and isinstance(run.get("coder_config"), dict) and isinstance(metrics, dict)
+                   and all(v is None or _is_number(v) for v in metrics.values()), f"runs[{i}]",
+                   f"layer {l}'s training summary (its layer, coder_config and final_train_metrics of numbers)")
+        return cls(**{k: data[k] for k in names if k != "runs"}, runs=[TrainCoderResult.from_json(r) for r in runs])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, field: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"field {field} must be {expected}")
+
+
+def layers_text(layers: Iterable[int]) -> str:
+    """Layers as ``--layers`` reads them, runs shortened: [0, 1, 2, 5] -> ``0-2,5``."""
+    runs: list[list[int]] = []
+    for l in sorted(set(layers)):
+        if runs and runs[-1][1] == l - 1:
+            runs[-1][1] = l
+        else:
+            runs.append([l, l])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def model_stream(cfg: LMConfig, corpus_cfg: CorpusConfig, layers: list[int], train_cfg: TrainConfig

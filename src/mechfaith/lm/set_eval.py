@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mechfaith.coders.files import read_json
 from mechfaith.configs import config_from_dict
-from mechfaith.errors import ConfigError, InputError
+from mechfaith.errors import ConfigError
 from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.coder_files import open_coder
+from mechfaith.lm.coder_set import read_set, set_coder_folders
 from mechfaith.lm.config import LMConfig
 from mechfaith.lm.corpus import CorpusConfig, eval_contexts
 from mechfaith.lm.fidelity import FidelityConfig, SpliceEntry, evaluate_many, group_key
-from mechfaith.lm.layer_set import SET_JSON, SetResult
 from mechfaith.lm.model_cache import get_model
 
 SET_EVAL_JSON = "eval.json"
@@ -87,28 +86,12 @@ class SetEvalResult:
         return cls(**{k: data[k] for k in names}, per_layer=[SetLayerEval(**p) for p in data["per_layer"]])
 
 
-def read_set(folder: str | Path) -> SetResult:
-    """The manifest of the set in ``folder`` (a one-line error when there is none or it is foreign)."""
-    path = Path(folder) / SET_JSON
-    if not path.is_file():
-        raise InputError(f"{folder}: no {SET_JSON} (not a coder set written by lm train --layers)")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    try:
-        return SetResult.from_json(data)
-    except ConfigError as exc:
-        raise InputError(f"{path}: {exc}") from None
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a mechfaith coder set manifest ({exc})") from None
-
-
 def evaluate_set(folder: str | Path, cfg: LMConfig | None = None, corpus_cfg: CorpusConfig | None = None, *,
                  keep_bos: bool = True, out: str | Path | None = None, progress: bool = True) -> SetEvalResult:
     """Splice the set in ``folder`` (module docstring); write ``eval.json`` (default: in the set)."""
     folder = Path(folder)
     manifest = read_set(folder)
-    refs = {int(l): open_coder(folder / rel) for l, rel in manifest.coders.items()}
+    refs = {l: open_coder(path) for l, path in set_coder_folders(folder, manifest).items()}
     cfg = dataclasses.replace(cfg or LMConfig(), model=manifest.model)
     lm = get_model(cfg)
     if not (lm.adapter.has_lm_head and lm.adapter.family.causal):
