@@ -221,7 +221,9 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
     if lm and means is None:
         means = mean_mlp_outputs(adapter, contexts, layers, cfg.batch_contexts, exclude_bos=True)
     start = 1 if cfg.exclude_bos else 0
-    acc = {name: [StatsAccumulator(e.coder, start) for e in es] for name, es in named.items()}
+    shared: dict[tuple[int, int, str, str], StatsAccumulator] = {}  # one per coder and sites, whatever the names
+    acc = {name: [shared.setdefault((id(e.coder), e.layer, e.input_site, e.output_site), StatsAccumulator(e.coder, start))
+                  for e in es] for name, es in named.items()}
     sites = {(e.layer, s) for es in named.values() for e in es for s in (e.input_site, e.output_site)}
     sums: dict[str, float] = {}
     n_pred = 0
@@ -244,9 +246,8 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
                     adapter.forward(ids)
                 else:
                     clean_logits = adapter.logits(ids)
-            for name, es in named.items():
-                for a, e in zip(acc[name], es):
-                    a.add(captured[(e.layer, e.input_site)], captured[(e.layer, e.output_site)])
+            for (_, layer, in_site, out_site), a in shared.items():
+                a.add(captured[(layer, in_site)], captured[(layer, out_site)])
             if lm:
                 clean_logp = F.log_softmax(clean_logits.float(), dim=-1)[:, :-1]
                 add("ce_clean", next_token_ce(clean_logits, ids))

@@ -134,7 +134,7 @@ class SetResult:
             raise ConfigError(f"missing field(s) {', '.join(missing)}")
         for name in ("model", "input_site", "output_site", "activations"):
             _check(isinstance(data[name], str), name, "a string")
-        for name in ("collect_seconds", "train_seconds", "total_seconds"):
+        for name in ("train_seconds", "total_seconds"):
             _check(_is_number(data[name]), name, "a number")
         layers = data["layers"]
         _check(isinstance(layers, list) and bool(layers) and all(_is_int(l) and l >= 0 for l in layers)
