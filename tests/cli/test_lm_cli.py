@@ -128,6 +128,23 @@ def test_train_a_set_of_every_layer(texts, tmp_path, capsys):
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_set_and_quick_defaults_sit_below_the_flags(texts, tmp_path):
+    from mechfaith.lm.config import QUICK_PROFILE, SET_PROFILE
+
+    base = small("gpt2", texts, "--batch-size", "128", "--log-every", "5")
+    # a set's own defaults: k and steps from SET_PROFILE unless given
+    assert main(["lm", "train", "--layers", "0", "--out", str(tmp_path / "set"), "--quiet", *base,
+                 "--n-steps", "6", "--expansion", "2"]) == 0
+    run = json.loads((tmp_path / "set" / "set.json").read_text())["runs"][0]
+    assert run["coder_config"]["k"] == SET_PROFILE["coder"]["k"] and run["steps"] == 6
+    assert run["activations"] == "model (streamed, no cache)"
+    # --quick: its steps, expansion and k, and a flag still wins over it
+    assert main(["lm", "train", "--quick", "--out", str(tmp_path / "one"), "--quiet", *base, "--k", "3"]) == 0
+    one = json.loads((tmp_path / "one" / "train.json").read_text())
+    assert one["steps"] == QUICK_PROFILE["train"]["n_steps"] and one["coder_config"]["k"] == 3
+    assert one["coder_config"]["n_latents"] == QUICK_PROFILE["coder"]["expansion"] * 32
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lm", "collect", "--model", "no-such-model-here", "--out", "{tmp}/x"], "no-such-model-here"),
     (["lm", "collect", "--model", "random-gpt2", "--layer", "9", "--out", "{tmp}/x"], "out of range"),

@@ -27,10 +27,7 @@ from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
 
 if TYPE_CHECKING:
-    from mechfaith.lm.config import LMCoderConfig, LMConfig
-    from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.lm.evaluate import EvalResult
-    from mechfaith.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +90,12 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="for --kind sae: reconstruct the cached input or output site")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test in minutes: 41k tokens, 40 steps, 2304 latents (x4), k 32 (flags still win)")
     p.add_argument("--layers", default=None,
                    help="train a coder at each of these layers together, from one forward pass per batch: 'all', a "
                         "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
-                        "OUT/layers/L<l>/; replaces --layer)")
+                        "OUT/layers/L<l>/; replaces --layer). A set's defaults: 290k tokens, 280 steps, k 32")
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, _lm_train_defaults())
@@ -176,18 +175,23 @@ def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return load_config_sections(getattr(args, "config", None), SECTIONS)
 
 
-def _configs(args: argparse.Namespace, *, coder: bool, train: bool, train_defaults: dict | None = None):
+def _configs(args: argparse.Namespace, *, coder: bool, train: bool, train_defaults: dict | None = None,
+             profile: dict[str, dict[str, Any]] | None = None):
+    """The configs from built-in defaults < ``profile`` (a set's or --quick's defaults) < the config
+    file < the flags."""
     from mechfaith.lm.config import LM_TRAIN_DEFAULTS, LMCoderConfig, LMConfig
     from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.training.config import TrainConfig
 
     files = _file_sections(args)
-    lm_cfg = dataclass_from_args(LMConfig, args, file_values=files["lm"])
+    base = profile or {}
+    lm_cfg = dataclass_from_args(LMConfig, args, file_values={**base.get("lm", {}), **files["lm"]})
     corpus_cfg = dataclass_from_args(CorpusConfig, args, prefix="corpus-", file_values=files["corpus"])
-    coder_cfg = dataclass_from_args(LMCoderConfig, args, file_values=files["coder"]) if coder else None
+    coder_cfg = (dataclass_from_args(LMCoderConfig, args, file_values={**base.get("coder", {}), **files["coder"]})
+                 if coder else None)
     train_cfg = None
     if train:
-        tvals = {**LM_TRAIN_DEFAULTS, **(train_defaults or {}), **files["train"]}
+        tvals = {**LM_TRAIN_DEFAULTS, **(train_defaults or {}), **base.get("train", {}), **files["train"]}
         train_cfg = dataclass_from_args(TrainConfig, args, file_values=tvals)
     return lm_cfg, corpus_cfg, coder_cfg, train_cfg
 
@@ -237,12 +241,16 @@ def _print_eval(e: EvalResult) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from mechfaith.lm.config import QUICK_PROFILE, SET_PROFILE
     from mechfaith.lm.evaluate import evaluate
     from mechfaith.lm.train import train_coder
 
-    lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True)
+    profile = QUICK_PROFILE if args.quick else SET_PROFILE if args.layers is not None else None
+    lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True, profile=profile)
     if args.layers is not None:
-        return _run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg)
+        from mechfaith.cli.lm_set import run_train_set
+
+        return run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg)
     s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
                     sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
     m = s.final_train_metrics
@@ -255,29 +263,6 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.eval:
         e = evaluate(Path(args.out), lm_cfg, corpus_cfg, progress=_progress(args))
         _print_eval(e)
-    sys.stdout.flush()
-    return 0
-
-
-def _run_train_set(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
-                   train_cfg: TrainConfig) -> int:
-    from mechfaith.lm.layer_set import parse_layers, train_set
-    from mechfaith.lm.model_cache import get_model
-
-    if args.eval:
-        raise ConfigError("--eval is not available with --layers yet (evaluate a layer's coder with lm eval "
-                          "OUT/layers/L<l>)")
-    layers = parse_layers(args.layers, get_model(lm_cfg).adapter.n_layers)
-    r = train_set(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, layers, activations=args.activations,
-                  sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
-    print(f"trained {len(r.layers)} coders of {r.model} together from {r.activations}: "
-          f"train {r.train_seconds:.0f} s, total {r.total_seconds:.0f} s")
-    print("  layer   FVE     L0   dead")
-    for s in r.runs:
-        m = s.final_train_metrics
-        print(f"  {s.layer:5d}  {fmt_value(m.get('fve'), spec='.4f')}  {fmt_value(m.get('l0'), spec='5.1f')}  "
-              f"{fmt_value(m.get('dead_frac'), spec='.3f')}")
-    print(f"wrote {Path(args.out) / 'set.json'}")
     sys.stdout.flush()
     return 0
 
@@ -297,41 +282,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
     if is_coder_set(args.coder):
-        return _run_eval_set(args, lm_cfg)
+        from mechfaith.cli.lm_set import run_eval_set
+
+        return run_eval_set(args, lm_cfg)
     corpus_cfg = coder_corpus_with_source(args.coder, args.corpus_source)
     e = evaluate(args.coder, lm_cfg, corpus_cfg, out=args.out, keep_bos=args.keep_bos,
                  model_given=args.model is not None, layer_given=args.layer is not None,
                  progress=_progress(args))
     _print_eval(e)
-    return 0
-
-
-def _run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
-    from mechfaith.lm.coder_files import coder_corpus_with_source
-    from mechfaith.lm.coder_set import read_set
-    from mechfaith.lm.layer_set import LAYERS_DIR
-    from mechfaith.lm.set_eval import evaluate_set
-    from mechfaith.reports.set_plot import plot_set_eval
-
-    manifest = read_set(args.coder)
-    first = Path(args.coder) / manifest.coders[str(manifest.layers[0])]
-    corpus_cfg = coder_corpus_with_source(first, args.corpus_source)
-    e = evaluate_set(args.coder, lm_cfg, corpus_cfg, keep_bos=not args.splice_bos, out=args.out,
-                     progress=_progress(args))
-    print(f"set of {len(e.layers)} layers of {e.model} on {e.eval_tokens} held-out tokens ({e.eval_source}); "
-          f"BOS {'kept' if e.keep_bos else 'spliced'}:")
-    abf = f"{e.ce_all_but_first_last:.4f}" if e.ce_all_but_first_last is not None else "n/a"
-    print(f"  CE clean {e.ce_clean:.4f}  all replaced {e.ce_all:.4f} ({e.ce_increase:+.4f}, KL {e.kl_all:.4f})  "
-          f"all but first and last {abf}  all MLPs zero-ablated {e.ce_zero_ablated:.4f}")
-    print("  layer    FVE     L0   dead  dense  CE alone  CE 0..l")
-    for p in e.per_layer:
-        print(f"  {p.layer:5d}  {fmt_value(p.fve, spec='.3f')}  {fmt_value(p.l0, spec='5.1f')}  "
-              f"{fmt_value(p.dead_fraction, spec='.3f')}  {fmt_value(p.dense_fraction, spec='.3f')}  "
-              f"{fmt_value(p.ce_alone, spec='.4f')}    {fmt_value(p.ce_prefix, spec='.4f')}")
-    figure = Path(args.out).with_suffix(".png") if args.out else Path(args.coder) / "eval.png"
-    plot_set_eval(e, figure)
-    print(f"  wrote {args.out or Path(args.coder) / 'eval.json'} and {figure} ({e.seconds:.0f} s; "
-          f"coders in {LAYERS_DIR}/)")
     return 0
 
 

@@ -22,6 +22,7 @@ from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import save_coder
 from mechfaith.coders.init import DataInit, init_from_data
+from mechfaith.coders.sparse_decode import enable_sparse_decode
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
@@ -38,6 +39,7 @@ from mechfaith.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 TRAIN_JSON = "train.json"
+SPARSE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")  # coders with sparse training paths
 ACTIVATIONS_DIR = "activations"
 
 
@@ -236,6 +238,8 @@ def prepare_coder_run(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCode
     train_cfg = dataclasses.replace(train_cfg, device=cfg.device)
 
     coder = SparseCoder(ccfg, generator=torch.Generator().manual_seed(coder_cfg.init_seed))
+    if coder_cfg.sparse_decode and ccfg.activation in SPARSE_ACTIVATIONS:
+        enable_sparse_decode(coder)
     first_x, first_y = data.init_rows
     rows_x = first_y if mode == "y" else first_x
     init = init_from_data(coder, rows_x, first_y if mode == "xy" else rows_x,
