@@ -91,11 +91,11 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test in minutes: 41k tokens, 40 steps, 2304 latents (x4), k 32 (flags still win)")
+                   help="a smoke test in minutes: 31k tokens, 30 steps, 4x latents, k 32 (flags still win)")
     p.add_argument("--layers", default=None,
                    help="train a coder at each of these layers together, from one forward pass per batch: 'all', a "
                         "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
-                        "OUT/layers/L<l>/; replaces --layer). A set's defaults: 290k tokens, 280 steps, k 32")
+                        "OUT/layers/L<l>/; replaces --layer). A set's defaults: 206k tokens, 200 steps, x4 latents, k 32")
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, _lm_train_defaults())
@@ -128,7 +128,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="result JSON (default: eval.json beside the coder folder)")
     p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
-    p.add_argument("--eval-contexts", type=int, default=None, help="held-out contexts (default 64)")
+    p.add_argument("--eval-contexts", type=int, default=None, help="held-out contexts (default 64; 16 for a set, whose "
+                   "evaluation runs the model about twice per layer)")
     p.add_argument("--batch-contexts", type=int, default=None, help="contexts per forward pass (default 32)")
     p.add_argument("--corpus-source", default=None, help="text source (default: the coder's corpus)")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -274,11 +275,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     from mechfaith.lm.coder_set import is_coder_set
     from mechfaith.lm.config import LMConfig
     from mechfaith.lm.evaluate import evaluate
+    from mechfaith.lm.set_eval import SET_EVAL_CONTEXTS
 
     base = LMConfig()
     lm_cfg = dataclasses.replace(
         base, model=args.model or base.model, layer=args.layer if args.layer is not None else base.layer,
-        eval_contexts=args.eval_contexts or base.eval_contexts,
+        eval_contexts=args.eval_contexts or (SET_EVAL_CONTEXTS if is_coder_set(args.coder) else base.eval_contexts),
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
     if is_coder_set(args.coder):

@@ -68,12 +68,15 @@ class ModelActivationStream:
             if perm is None:
                 perm = seeded_perm(x.shape[0], self.cfg.seed, epoch, block, 3).to(x.device)
             rows.append((x[perm], y[perm]))
+            for p in parts:  # free this layer's captures as soon as they are in the block
+                del p[layer]
         return rows
 
     def current_block(self) -> list[tuple[Tensor, Tensor]]:
         """The rows of the block the next batch starts in, per layer (computed once, then kept)."""
         key = (self.epoch, self.block)
         if self._loaded is None or self._loaded[:2] != key:
+            self._loaded = None  # free the finished block before computing the next one
             self._loaded = (self.epoch, self.block, self._compute(*key))
         return self._loaded[2]
 

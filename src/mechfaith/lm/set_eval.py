@@ -34,6 +34,9 @@ from mechfaith.lm.fidelity import FidelityConfig, SpliceEntry, evaluate_many, gr
 from mechfaith.lm.model_cache import get_model
 
 SET_EVAL_JSON = "eval.json"
+# Held-out contexts ``lm eval SET`` uses unless told: a set of L layers costs about 2 L + 3 forward
+# passes per batch (each layer alone, every prefix), 63 for SmolLM2's 30 layers.
+SET_EVAL_CONTEXTS = 16
 
 
 @dataclass
