@@ -83,3 +83,21 @@ def test_resume_is_exact_mid_block_and_across_epochs(lm, contexts):
         ModelActivationStream(lm.model, contexts, [0, 2], _cfg([0, 2], buffer_tokens=40)).load_state_dict(state)
     with pytest.raises(ConfigError):
         ModelActivationStream(lm.model, contexts, [0, 0])
+
+
+def test_massive_rows_are_left_out_at_every_layer(lm, contexts):
+    # ratio 1: every row above its block's median output norm at either layer is left out
+    stream = ModelActivationStream(lm.model, contexts, [0, 2], _cfg([0, 2], buffer_tokens=200), max_norm_ratio=1.0)
+    block = stream.current_block()
+    full = list(iter_model_activations(lm.model, contexts, [0, 2], batch_contexts=12))[0]
+    n0, n2 = full[0][1].norm(dim=1), full[2][1].norm(dim=1)  # one block holds every context here
+    keep = (n0 <= n0.median()) & (n2 <= n2.median())
+    assert stream.rows_seen == 96 and stream.rows_dropped == 96 - int(keep.sum()) > 40
+    kept_y0 = full[0][1][keep]
+    assert block[0][1].shape[0] == keep.sum()
+    # the served rows are exactly the kept ones (as sets), and layer 2's rows are the same tokens
+    order = torch.cdist(block[0][1], kept_y0, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+    torch.testing.assert_close(block[0][1], kept_y0[order], atol=1e-5, rtol=0)
+    torch.testing.assert_close(block[1][1], full[2][1][keep][order], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError):
+        ModelActivationStream(lm.model, contexts, [0], _cfg([0]), max_norm_ratio=-1)

@@ -35,6 +35,10 @@ class LMConfig:
     eval_contexts: int = doc("Held-out contexts (from validation documents) for evaluation.", 64)
     exclude_bos: bool = doc("Leave the BOS position out of training and of the statistics (its "
                             "activations are atypical); eval reports its L0 separately.", True)
+    massive_ratio: float = doc("A set streamed from the model leaves out of training the tokens whose MLP output "
+                               "norm exceeds this multiple of the median at any of its layers (attention sinks "
+                               "with 'massive activations': SmolLM2 layer 11 writes norms near 25,000 against a "
+                               "median of 30 there); 0 keeps every token.", 50.0)
     batch_contexts: int = doc("Contexts per forward pass of the model (collection and eval).", 32)
     storage_dtype: str = doc("dtype of the activation cache on disk.", "float32",
                              choices=tuple(STORAGE_DTYPES))
@@ -45,6 +49,8 @@ class LMConfig:
     dtype: str = doc("dtype of the model's weights.", "float32", choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
+        if not self.massive_ratio >= 0:
+            raise ConfigError(f"LMConfig.massive_ratio must be >= 0, got {self.massive_ratio}")
         if self.layer < -1:
             raise ConfigError(f"LMConfig.layer must be >= 0 (or -1 for the middle layer), got {self.layer}")
         for name in ("train_tokens", "eval_contexts", "batch_contexts", "stream_block_tokens"):

@@ -192,7 +192,8 @@ def model_stream(cfg: LMConfig, corpus_cfg: CorpusConfig, layers: list[int], tra
                                batch_contexts=cfg.batch_contexts, exclude_bos=cfg.exclude_bos,
                                buffer_tokens=cfg.stream_block_tokens, batch_size=train_cfg.batch_size,
                                seed=train_cfg.seed)
-    stream = ModelActivationStream(lm.adapter, contexts, layers, act_cfg, device=cfg.device)
+    stream = ModelActivationStream(lm.adapter, contexts, layers, act_cfg, device=cfg.device,
+                                   max_norm_ratio=cfg.massive_ratio)
     corpus = config_to_dict(corpus_cfg)
     data = [LayerData(layer, lm.name, int(x.shape[1]), int(y.shape[1]), (x, y), STREAMED, corpus, unique_tokens)
             for layer, (x, y) in zip(layers, stream.current_block())]
