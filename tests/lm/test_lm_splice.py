@@ -182,3 +182,35 @@ def test_centred_output_rejected_for_rmsnorm():
     with pytest.raises(ConfigError, match="rmsnorm"):
         with splice(lm.adapter, {0: lambda x: x}, output_site="mlp_out_centered"):
             pass
+
+
+def test_keep_massive_keeps_the_models_output_exactly_where_its_norm_is_large(lm):
+    """Splicing a zero 'coder' at layer 0 with keep_massive=r equals a manual replacement that keeps
+    y where |y| > r x median|y| over the batch's positions and writes 0 elsewhere."""
+    a = lm.adapter
+    ids = ids_batch(n=4, seq=10)
+
+    def zero(x):
+        return torch.zeros(*x.shape[:-1], a.d_model)
+
+    with torch.no_grad():
+        y = a.run_with_cache(ids, [(0, "mlp_out")])[(0, "mlp_out")]
+        norms = y.norm(dim=-1)
+        sink = norms > 1.1 * norms.flatten().median()
+        assert 0 < int(sink.sum()) < sink.numel()  # some positions kept, some replaced
+        with splice(a, {0: zero}, keep_massive=1.1):
+            got = a.logits(ids) if a.has_lm_head else a.forward(ids).last_hidden_state
+        h = a.replace_mlp_out(0, lambda out: torch.where(sink.unsqueeze(-1), out, torch.zeros_like(out)))
+        try:
+            want = a.logits(ids) if a.has_lm_head else a.forward(ids).last_hidden_state
+        finally:
+            h.remove()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with splice(a, {0: zero}, keep_massive=1e-9):  # every position kept: the clean model
+            every = a.logits(ids) if a.has_lm_head else a.forward(ids).last_hidden_state
+        clean = a.logits(ids) if a.has_lm_head else a.forward(ids).last_hidden_state
+        torch.testing.assert_close(every, clean, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError):
+        with splice(a, {0: zero}, keep_massive=-1.0):
+            pass
+    assert_no_hooks(lm.model)

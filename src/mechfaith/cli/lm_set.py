@@ -51,10 +51,12 @@ def run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
     manifest = read_set(args.coder)
     first = Path(args.coder) / manifest.coders[str(manifest.layers[0])]
     corpus_cfg = coder_corpus_with_source(first, args.corpus_source)
-    e = evaluate_set(args.coder, lm_cfg, corpus_cfg, keep_bos=not args.splice_bos, out=args.out,
+    e = evaluate_set(args.coder, lm_cfg, corpus_cfg, keep_bos=not args.splice_bos,
+                     keep_massive=args.keep_massive, out=args.out,
                      progress=not getattr(args, "quiet", False))
     print(f"set of {len(e.layers)} layers of {e.model} on {e.eval_tokens} held-out tokens ({e.eval_source}); "
-          f"BOS {'kept' if e.keep_bos else 'spliced'}:")
+          f"BOS {'kept' if e.keep_bos else 'spliced'}, "
+          f"sinks {'kept above ' + format(e.keep_massive, 'g') + 'x the median' if e.keep_massive else 'spliced'}:")
     abf = f"{e.ce_all_but_first_last:.4f}" if e.ce_all_but_first_last is not None else "n/a"
     print(f"  CE clean {e.ce_clean:.4f}  all replaced {e.ce_all:.4f} ({e.ce_increase:+.4f}, KL {e.kl_all:.4f})  "
           f"all but first and last {abf}  all MLPs zero-ablated {e.ce_zero_ablated:.4f}")

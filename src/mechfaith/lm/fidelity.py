@@ -38,6 +38,8 @@ class FidelityConfig:
     exclude_bos: bool = doc("Leave the BOS position out of the coder statistics (FVE, L0, density); "
                             "its L0 is reported separately.", True)
     keep_bos: bool = doc("Keep the model's own MLP output at the BOS position when splicing.", False)
+    keep_massive: float = doc("Also keep it at positions whose MLP output norm exceeds this multiple of the "
+                              "batch's median (attention sinks; 0: never).", 0.0)
     dense_threshold: float = doc("A latent firing on more than this fraction of tokens is 'dense'.", 0.1)
     histogram_bins: int = doc("Bins of the log10 feature-density histogram (from 1e-7 to 1).", 28)
 
@@ -45,6 +47,8 @@ class FidelityConfig:
         if self.batch_contexts <= 0 or self.max_contexts < 0 or self.histogram_bins <= 0:
             raise ConfigError("FidelityConfig: batch_contexts and histogram_bins must be positive, "
                               "max_contexts >= 0")
+        if not self.keep_massive >= 0:
+            raise ConfigError("FidelityConfig.keep_massive must be >= 0")
         if not 0 < self.dense_threshold <= 1:
             raise ConfigError("FidelityConfig.dense_threshold must be in (0, 1]")
 
@@ -181,7 +185,7 @@ def _as_list(value: SpliceEntry | Sequence[SpliceEntry]) -> list[SpliceEntry]:
 
 
 def _variants(adapter: ModelAdapter, named: Mapping[str, list[SpliceEntry]], ablations: list[tuple[int, ...]],
-              means: Mapping[int, Tensor] | None, keep_bos: bool) -> list[tuple[str, Any]]:
+              means: Mapping[int, Tensor] | None, keep_bos: bool, keep_massive: float = 0.0) -> list[tuple[str, Any]]:
     """(key, context-manager factory) of every run besides the clean one: each group of layers
     zero-ablated (and mean-ablated when ``means`` is given), each named splice."""
     out: list[tuple[str, Any]] = []
@@ -191,7 +195,8 @@ def _variants(adapter: ModelAdapter, named: Mapping[str, list[SpliceEntry]], abl
             out.append((f"mean_ablated/{group_key(group)}", lambda g=group: ablate(adapter, list(g), "mean", means)))
     for name, es in named.items():
         out.append((f"spliced/{name}", lambda es=es: splice(
-            adapter, {e.layer: e.coder for e in es}, es[0].input_site, es[0].output_site, keep_bos=keep_bos)))
+            adapter, {e.layer: e.coder for e in es}, es[0].input_site, es[0].output_site, keep_bos=keep_bos,
+            keep_massive=keep_massive)))
     return out
 
 
@@ -231,7 +236,7 @@ def evaluate_many(model: Any, contexts: Tensor, entries: Mapping[str, SpliceEntr
     def add(key: str, value: Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(value.double().sum())
 
-    variants = _variants(adapter, named, groups_ablated, means if lm else None, cfg.keep_bos)
+    variants = _variants(adapter, named, groups_ablated, means if lm else None, cfg.keep_bos, cfg.keep_massive)
     bar = tqdm(total=contexts.shape[0], unit="ctx", desc=desc, disable=not progress, leave=False)
     with torch.inference_mode():
         for i in range(0, contexts.shape[0], cfg.batch_contexts):

@@ -12,7 +12,11 @@ BOS: by default (``keep_bos=True``) every layer keeps the model's own MLP output
 The set's coders are trained with BOS left out (its activations are atypical, with norms hundreds of
 times the others'), and BOS is the attention sink every later position reads: a coder's error there
 would reach every token of the context through every later layer. ``keep_bos=False`` replaces BOS
-too (``lm eval SET --splice-bos``).
+too (``lm eval SET --splice-bos``). Likewise, by default, every position whose own MLP output norm is
+more than ``keep_massive`` (50) times the median of the batch keeps it: the attention sinks with
+"massive activations" that a set streamed from the model is trained without (``LMConfig.massive_ratio``;
+in SmolLM2-135M the first token of some contexts, with norms near 25,000 at layer 11 against a
+median of 30). ``keep_massive=0`` (``--keep-massive 0``) replaces them too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ SET_EVAL_JSON = "eval.json"
 # Held-out contexts ``lm eval SET`` uses unless told: a set of L layers costs about 2 L + 3 forward
 # passes per batch (each layer alone, every prefix), 63 for SmolLM2's 30 layers.
 SET_EVAL_CONTEXTS = 16
+# Attention sinks keep the model's own MLP output, as BOS does (the set was trained without them:
+# LMConfig.massive_ratio has the same default).
+DEFAULT_KEEP_MASSIVE = 50.0
 
 
 @dataclass
@@ -66,6 +73,7 @@ class SetEvalResult:
     eval_tokens: int
     eval_source: str
     keep_bos: bool
+    keep_massive: float  # positions whose MLP output norm exceeds this multiple of the median keep it (0: none)
     ce_clean: float
     ce_all: float
     kl_all: float
@@ -86,11 +94,13 @@ class SetEvalResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SetEvalResult:
         names = {f.name for f in dataclasses.fields(cls)} - {"per_layer"}
+        data = {"keep_massive": 0.0, **data}  # eval.json files written before the option
         return cls(**{k: data[k] for k in names}, per_layer=[SetLayerEval(**p) for p in data["per_layer"]])
 
 
 def evaluate_set(folder: str | Path, cfg: LMConfig | None = None, corpus_cfg: CorpusConfig | None = None, *,
-                 keep_bos: bool = True, out: str | Path | None = None, progress: bool = True) -> SetEvalResult:
+                 keep_bos: bool = True, keep_massive: float = DEFAULT_KEEP_MASSIVE, out: str | Path | None = None,
+                 progress: bool = True) -> SetEvalResult:
     """Splice the set in ``folder`` (module docstring); write ``eval.json`` (default: in the set)."""
     folder = Path(folder)
     manifest = read_set(folder)
@@ -113,7 +123,8 @@ def evaluate_set(folder: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
         if 0 < i < len(layers) - 1:  # the first prefix is the layer alone, the last one is "all"
             named[f"prefix/{l}"] = [entries[m] for m in layers[:i + 1]]
     contexts, source = eval_contexts(lm, corpus_cfg, cfg.eval_contexts)
-    fcfg = FidelityConfig(batch_contexts=cfg.batch_contexts, exclude_bos=cfg.exclude_bos, keep_bos=keep_bos)
+    fcfg = FidelityConfig(batch_contexts=cfg.batch_contexts, exclude_bos=cfg.exclude_bos, keep_bos=keep_bos,
+                          keep_massive=keep_massive)
     t0 = time.perf_counter()
     many = evaluate_many(lm.adapter, contexts, named, fcfg, progress=progress, desc="set eval",
                          ablations=[layers])
@@ -135,7 +146,7 @@ def evaluate_set(folder: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
     assert all_ce is not None and all_kl is not None
     result = SetEvalResult(
         model=lm.name, layers=layers, eval_contexts=int(contexts.shape[0]), eval_tokens=base.n_tokens,
-        eval_source=source, keep_bos=keep_bos, ce_clean=base.ce_clean, ce_all=all_ce, kl_all=all_kl,
+        eval_source=source, keep_bos=keep_bos, keep_massive=keep_massive, ce_clean=base.ce_clean, ce_all=all_ce, kl_all=all_kl,
         ce_all_but_first_last=ce_abf, kl_all_but_first_last=kl_abf,
         ce_zero_ablated=base.ce_zero_ablated[group_key(layers)], kl_zero_ablated=base.kl_zero_ablated[group_key(layers)],
         per_layer=per_layer, seconds=round(time.perf_counter() - t0, 2))

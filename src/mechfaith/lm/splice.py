@@ -11,6 +11,7 @@ touched, and every hook is removed on exit, also when the body raises.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -41,13 +42,17 @@ def check_output_site(adapter: ModelAdapter, output_site: str) -> None:
 @contextlib.contextmanager
 def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
            output_site: str = "mlp_out", keep_bos: bool = False,
-           record: Recorder | None = None) -> Iterator[ModelAdapter]:
+           record: Recorder | None = None, keep_massive: float = 0.0) -> Iterator[ModelAdapter]:
     """Within the block, layer ``L``'s MLP output is ``coders[L](input at input_site)``.
 
-    ``keep_bos`` leaves position 0 with the model's own MLP output (for coders trained without BOS).
+    ``keep_bos`` leaves position 0 with the model's own MLP output (for coders trained without BOS);
+    ``keep_massive`` > 0 also every position whose own MLP output norm exceeds that multiple of the
+    median over the batch's positions (attention sinks with massive activations, which a set
+    streamed from the model is trained without: ``LMConfig.massive_ratio``).
     ``record(layer, x, y_hat)`` is called with each coder input and output (for statistics).
     """
     adapter = get_adapter(model)
+    keep = _Keep(keep_bos, keep_massive)
     if input_site not in SPLICE_INPUT_SITES:
         raise ConfigError(f"input_site must be one of {', '.join(SPLICE_INPUT_SITES)}, not {input_site!r}")
     check_output_site(adapter, output_site)
@@ -66,12 +71,12 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
                         layer: int = layer) -> Tensor:
                 if "x" not in slot:
                     raise RuntimeError(f"the input of layer {layer} was not captured before its MLP output")
-                return _coder_output(coder, slot.pop("x"), y, layer, keep_bos, record)
+                return _coder_output(coder, slot.pop("x"), y, layer, keep, record)
 
             if input_site == "mlp_out":
                 def sae_replace(y: Tensor, coder: Coder = coder, layer: int = layer) -> Tensor:
                     x = y - y.mean(dim=-1, keepdim=True) if output_site == "mlp_out_centered" else y
-                    return _coder_output(coder, x, y, layer, keep_bos, record)
+                    return _coder_output(coder, x, y, layer, keep, record)
                 handles.append(adapter.replace_mlp_out(layer, sae_replace))
                 continue
             handles.extend(adapter.hook_site(layer, input_site, grab))
@@ -79,7 +84,28 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
         yield adapter
 
 
-def _coder_output(coder: Coder, x: Tensor, y: Tensor, layer: int, keep_bos: bool,
+@dataclass(frozen=True)
+class _Keep:
+    """Which positions keep the model's own MLP output (see :func:`splice`)."""
+
+    bos: bool
+    massive: float
+
+    def __post_init__(self) -> None:
+        if not self.massive >= 0:
+            raise ConfigError(f"keep_massive must be >= 0, got {self.massive}")
+
+    def apply(self, y: Tensor, y_hat: Tensor) -> Tensor:
+        if self.bos:
+            y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
+        if self.massive > 0:
+            norms = y.float().norm(dim=-1)  # [batch, positions]
+            sink = norms > self.massive * norms.flatten().median()
+            y_hat = torch.where(sink.unsqueeze(-1), y, y_hat)
+        return y_hat
+
+
+def _coder_output(coder: Coder, x: Tensor, y: Tensor, layer: int, keep: _Keep,
                   record: Recorder | None) -> Tensor:
     """The coder's replacement of MLP output ``y`` from input ``x`` (shape-checked, in y's dtype)."""
     y_hat = coder(x.to(_param_dtype(coder, x.dtype)))
@@ -88,10 +114,7 @@ def _coder_output(coder: Coder, x: Tensor, y: Tensor, layer: int, keep_bos: bool
                           f"the MLP output has shape {tuple(y.shape)}")
     if record is not None:
         record(layer, x, y_hat)
-    y_hat = y_hat.to(y.dtype)
-    if keep_bos:
-        y_hat = torch.cat([y[:, :1], y_hat[:, 1:]], dim=1)
-    return y_hat
+    return keep.apply(y, y_hat.to(y.dtype))
 
 
 def _param_dtype(coder: Any, default: torch.dtype) -> torch.dtype:
