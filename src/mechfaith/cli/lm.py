@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +28,8 @@ from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
 
 if TYPE_CHECKING:
-    from mechfaith.lm.config import LMCoderConfig, LMConfig
-    from mechfaith.lm.corpus import CorpusConfig
+    from mechfaith.lm.config import LMConfig
     from mechfaith.lm.evaluate import EvalResult
-    from mechfaith.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,6 @@ def _set_default_help(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
     for action in p._actions:
         if action.dest in defaults and action.help:
             action.help = re.sub(r"\(default: [^)]*\)", f"(default: {defaults[action.dest]})", action.help)
-
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -96,7 +94,7 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--layers", default=None,
                    help="train a coder at each of these layers together, from one forward pass per batch: 'all', a "
                         "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
-                        "OUT/layers/L<l>/; replaces --layer)")
+                        "OUT/layers/L<l>/; replaces --layer); under torchrun the processes share the layers")
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, _lm_train_defaults())
@@ -242,7 +240,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
     lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True)
     if args.layers is not None:
-        return _run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg)
+        from mechfaith.cli.lm_set import run_train_set
+
+        return run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg, progress=_progress(args))
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        raise ConfigError("under torchrun, lm train trains a set: give --layers (the processes share the layers)")
     s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
                     sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
     m = s.final_train_metrics
@@ -255,29 +257,6 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.eval:
         e = evaluate(Path(args.out), lm_cfg, corpus_cfg, progress=_progress(args))
         _print_eval(e)
-    sys.stdout.flush()
-    return 0
-
-
-def _run_train_set(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
-                   train_cfg: TrainConfig) -> int:
-    from mechfaith.lm.layer_set import parse_layers, train_set
-    from mechfaith.lm.model_cache import get_model
-
-    if args.eval:
-        raise ConfigError("--eval is not available with --layers yet (evaluate a layer's coder with lm eval "
-                          "OUT/layers/L<l>)")
-    layers = parse_layers(args.layers, get_model(lm_cfg).adapter.n_layers)
-    r = train_set(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, layers, activations=args.activations,
-                  sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
-    print(f"trained {len(r.layers)} coders of {r.model} together from {r.activations}: "
-          f"train {r.train_seconds:.0f} s, total {r.total_seconds:.0f} s")
-    print("  layer   FVE     L0   dead")
-    for s in r.runs:
-        m = s.final_train_metrics
-        print(f"  {s.layer:5d}  {fmt_value(m.get('fve'), spec='.4f')}  {fmt_value(m.get('l0'), spec='5.1f')}  "
-              f"{fmt_value(m.get('dead_frac'), spec='.3f')}")
-    print(f"wrote {Path(args.out) / 'set.json'}")
     sys.stdout.flush()
     return 0
 
