@@ -24,6 +24,8 @@ def _rank(module: str) -> int:
         return -2
     if parts[1] in HELPERS or parts[1] == "__init__":
         return -1
+    if parts[1] == "__main__":  # ``python -m mechfaith``: the command line, above everything
+        return len(ORDER)
     return ORDER.index(parts[1]) if parts[1] in ORDER else -1
 
 

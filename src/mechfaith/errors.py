@@ -24,3 +24,7 @@ class CoderFileError(MechfaithError):
 
 class TrainingDiverged(MechfaithError):
     """The loss became NaN or infinite; training stopped and kept its last good checkpoint."""
+
+
+class PeerFailed(MechfaithError):
+    """Another process of a torchrun group failed, so this one stops too (the message names it)."""

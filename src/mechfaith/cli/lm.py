@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,6 @@ def _set_default_help(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
     for action in p._actions:
         if action.dest in defaults and action.help:
             action.help = re.sub(r"\(default: [^)]*\)", f"(default: {defaults[action.dest]})", action.help)
-
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -95,7 +95,8 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--layers", default=None,
                    help="train a coder at each of these layers together, from one forward pass per batch: 'all', a "
                         "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
-                        "OUT/layers/L<l>/; replaces --layer). A set's defaults: 206k tokens, 200 steps, x4 latents, k 32")
+                        "OUT/layers/L<l>/; replaces --layer); under torchrun the processes share the layers. "
+                        "A set's defaults: 206k tokens, 200 steps, x4 latents, k 32")
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, _lm_train_defaults())
@@ -254,7 +255,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.layers is not None:
         from mechfaith.cli.lm_set import run_train_set
 
-        return run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg)
+        return run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg, progress=_progress(args))
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        raise ConfigError("under torchrun, lm train trains a set: give --layers (the processes share the layers)")
     s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
                     sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
     m = s.final_train_metrics

@@ -32,6 +32,8 @@ Modules (import them directly; none imports transformers at import time except t
   (``SweepResult``; its figure is drawn by :mod:`mechfaith.reports.sweep_plot`).
 - ``layer_set``: a coder at every requested layer, collected in one pass and trained together
   (``train_set``, ``SetResult`` = ``set.json``, ``lm train --layers``).
+- ``distributed``: a set's layers shared among torchrun ranks (``split_layers``, ``SetRanks``: the
+  exchanges through which every rank gets every rank's summaries, or every rank fails).
 - ``coder_set``: a set as every command reads it: the checked manifest (``read_set``), each layer's
   coder folder, one layer, SAELens export of every layer, the summary ``inspect SET`` shows.
 - ``set_eval``: a set spliced in all at once, each layer alone and every prefix, against the

@@ -17,6 +17,13 @@ batch per layer. The batches come
 A stopped run resumes from the layers' checkpoints together, bit for bit (the stream's position is
 in every checkpoint; the model stream recomputes the block it was in).
 
+Under torchrun (``torchrun --nproc_per_node N -m mechfaith lm train --layers all ...``) the
+processes share the layers (:mod:`mechfaith.lm.distributed`): each streams, or reads from the
+cache, only its contiguous share and trains those coders, each exactly as one process would; a
+stopped set resumes with the same number of processes, each rank from its own layers'
+checkpoints; rank 0 writes ``set.json`` from every rank's summaries, and a failure on any rank
+(a diverged layer included) makes every rank raise. The folder must be one all ranks see.
+
 Outputs in the set folder: ``layers/L<l>/`` (one ``lm train`` run folder per layer: ``coder/``,
 ``metrics.jsonl``, ``checkpoint/``, ``train.json``) and ``set.json`` (:class:`SetResult`, the
 manifest: model, layers, sites, each layer's coder folder, the training summaries).
@@ -38,6 +45,7 @@ from mechfaith.lm.coder_files import CODER_DIR
 from mechfaith.lm.collect import check_sites, training_contexts
 from mechfaith.lm.config import LMCoderConfig, LMConfig
 from mechfaith.lm.corpus import CorpusConfig
+from mechfaith.lm.distributed import join_ranks, share_costs, split_layers
 from mechfaith.lm.model_cache import get_model, resolve_layer
 from mechfaith.lm.model_stream import ModelActivationStream
 from mechfaith.lm.train import ColumnStream, LayerData, TrainCoderResult, finish_coder_run, prepare_coder_run
@@ -200,18 +208,13 @@ def model_stream(cfg: LMConfig, corpus_cfg: CorpusConfig, layers: list[int], tra
     return stream, data
 
 
-def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
-              out: str | Path, layers: Sequence[int], *, activations: str | Path | None = None,
-              sae_site: str = "input", resume: bool = False, progress: bool = True) -> SetResult:
-    """Train one coder per layer of ``layers`` together (module docstring); write ``out/set.json``.
-    ``activations``: train from this cache instead of the model's stream. ``sae_site``: for SAEs,
-    whether they reconstruct the ``input`` or ``output`` site."""
-    out = Path(out)
-    t0 = time.perf_counter()
-    adapter = get_model(cfg).adapter
-    layers = sorted({resolve_layer(adapter, l) for l in layers})
-    if not layers:
-        raise ConfigError("a set needs at least one layer")
+def _train_share(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
+                 out: Path, layers: list[int], activations: str | Path | None, sae_site: str, resume: bool,
+                 progress: bool, desc: str) -> dict[str, Any]:
+    """Train the coders of ``layers`` together in one engine (this process's share of the set):
+    ``{"runs": [each layer's TrainCoderResult as JSON], "train_seconds": ...}``."""
+    if not layers:  # more processes than layers
+        return {"runs": [], "train_seconds": 0.0}
     stream: LayersStream | ColumnStream
     if activations is None:
         model_batches, data = model_stream(cfg, corpus_cfg, layers, train_cfg)
@@ -224,7 +227,12 @@ def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
                                   out / LAYERS_DIR / f"L{l}", activations=activations, sae_site=sae_site,
                                   progress=progress) for l in layers]
         stream = LayersStream({r.layer: r.stream() for r in runs})
-    results = Engine([r.trainer for r in runs], desc=f"set of {len(runs)} layers").fit(stream, resume=resume)
+    try:
+        results = Engine([r.trainer for r in runs], desc=desc).fit(stream, resume=resume)
+    except ConfigError as exc:
+        if not resume:
+            raise
+        raise ConfigError(f"{exc} (a stopped set resumes with as many processes as trained it)") from None
     summaries: list[TrainCoderResult] = []
     diverged: TrainingDiverged | None = None
     for run, res in zip(runs, results):
@@ -234,11 +242,61 @@ def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
             diverged = diverged or exc
     if diverged is not None:
         raise diverged
-    first = runs[0]
-    result = SetResult(
-        model=first.model_name, layers=layers, input_site=first.input_site, output_site=first.output_site,
-        coders={str(r.layer): str(Path(LAYERS_DIR) / f"L{r.layer}" / CODER_DIR) for r in runs},
-        activations=str(activations) if activations is not None else STREAMED, runs=summaries,
-        train_seconds=round(results[0].elapsed_s, 2), total_seconds=round(time.perf_counter() - t0, 2))
-    write_json(out / SET_JSON, result.to_json())
-    return result
+    return {"runs": [s.to_json() for s in summaries], "train_seconds": round(results[0].elapsed_s, 2)}
+
+
+def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig,
+              out: str | Path, layers: Sequence[int] | str, *, activations: str | Path | None = None,
+              sae_site: str = "input", resume: bool = False, progress: bool = True) -> SetResult:
+    """Train one coder per layer of ``layers`` (a list, or a ``--layers`` text like ``all``) together
+    (module docstring); write ``out/set.json``. ``activations``: train from this cache instead of the
+    model's stream. ``sae_site``: for SAEs, whether they reconstruct the ``input`` or ``output`` site.
+    Under torchrun the ranks share the layers (:mod:`mechfaith.lm.distributed`) and every rank
+    returns the same result; the progress bar is rank 0's."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    ranks = join_ranks(cfg.device)
+    try:
+        cfg = dataclasses.replace(cfg, device=ranks.device)
+
+        def load_first() -> None:  # rank 0 loads the model before the others: a first-use conversion runs once
+            if ranks.is_main:
+                get_model(cfg)
+
+        ranks.run(load_first)
+
+        def share() -> tuple[list[int], dict[str, Any]]:
+            adapter = get_model(cfg).adapter
+            wanted = parse_layers(layers, adapter.n_layers) if isinstance(layers, str) else layers
+            chosen = sorted({resolve_layer(adapter, l) for l in wanted})
+            if not chosen:
+                raise ConfigError("a set needs at least one layer")
+            costs = share_costs(adapter, coder_cfg, train_cfg, streamed=activations is None)
+            mine = split_layers(chosen, ranks.world_size, forward_cost=costs[0], coder_cost=costs[1])[ranks.rank]
+            desc = (f"set of {len(chosen)} layers" if ranks.world_size == 1 else
+                    f"rank 0 of {ranks.world_size}: {len(mine)} of {len(chosen)} layers")
+            return chosen, _train_share(cfg, corpus_cfg, coder_cfg, train_cfg, out, mine, activations, sae_site,
+                                        resume, progress and ranks.is_main, desc)
+
+        shares = ranks.run(share)
+        chosen = list(shares[0][0])
+        summaries = sorted((TrainCoderResult.from_json(r) for _, s in shares for r in s["runs"]),
+                           key=lambda r: r.layer)
+
+        def write() -> dict[str, Any] | None:
+            if not ranks.is_main:
+                return None
+            first = summaries[0]
+            result = SetResult(
+                model=first.model, layers=chosen, input_site=first.input_site, output_site=first.output_site,
+                coders={str(l): str(Path(LAYERS_DIR) / f"L{l}" / CODER_DIR) for l in chosen},
+                activations=str(activations) if activations is not None else STREAMED, runs=summaries,
+                train_seconds=max(float(s["train_seconds"]) for _, s in shares),
+                total_seconds=round(time.perf_counter() - t0, 2))
+            manifest = result.to_json()
+            write_json(out / SET_JSON, manifest)
+            return manifest
+
+        return SetResult.from_json(ranks.run(write)[0])
+    finally:
+        ranks.close()
