@@ -16,22 +16,8 @@ from mechfaith.lm.activations import (  # noqa: E402
     ShuffleBuffer,
     iter_model_activations,
 )
-from mechfaith.lm.models import random_model  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return random_model("llama", n_layers=3, seed=2)
-
-
-@pytest.fixture(scope="module")
-def contexts():
-    g = torch.Generator().manual_seed(0)
-    c = torch.randint(2, 100, (12, 9), generator=g)
-    c[:, 0] = 0
-    return c
 
 
 def test_collection_matches_direct_capture_and_drops_bos(lm, contexts):

@@ -8,22 +8,8 @@ pytest.importorskip("transformers")
 from mechfaith.errors import ConfigError  # noqa: E402
 from mechfaith.lm.activations import ActivationConfig, iter_model_activations  # noqa: E402
 from mechfaith.lm.model_stream import ModelActivationStream  # noqa: E402
-from mechfaith.lm.models import random_model  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return random_model("llama", n_layers=3, seed=2)
-
-
-@pytest.fixture(scope="module")
-def contexts():
-    g = torch.Generator().manual_seed(0)
-    c = torch.randint(2, 100, (12, 9), generator=g)
-    c[:, 0] = 0
-    return c
 
 
 def _cfg(layers, **kw):
