@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mechfaith.coders import CoderConfig, SparseCoder, build_coder
-from mechfaith.coders.sparse_jvp import _transpose, mask_pattern, sparse_jvp
+from mechfaith.coders.sparse_jvp import mask_pattern, sparse_jvp, transpose_pattern
 
 D_IN, N_LAT, D_OUT, BATCH, K = 5, 12, 4, 7, 3
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -168,6 +168,6 @@ def test_mask_pattern_and_transpose() -> None:
     csr = torch.sparse_csr_tensor(crow, col, vals, size=(12, 9), check_invariants=True)
     assert torch.equal(csr.to_dense() != 0, dense != 0)
     assert torch.equal(row, torch.repeat_interleave(torch.arange(12), crow.diff()))
-    order, crow_t, col_t = _transpose(col, row, 9)
+    order, crow_t, col_t = transpose_pattern(col, row, 9)
     csr_t = torch.sparse_csr_tensor(crow_t, col_t, vals[order], size=(9, 12), check_invariants=True)
     assert torch.equal(csr_t.to_dense(), csr.to_dense().T)

@@ -60,7 +60,7 @@ def mask_pattern(mask: Tensor, n_probes: int = 1) -> tuple[Tensor, Tensor, Tenso
     return crow, col.contiguous(), row.contiguous()
 
 
-def _stable_argsort(keys: Tensor) -> Tensor:
+def stable_argsort(keys: Tensor) -> Tensor:
     """Stable argsort of a 1-D integer tensor.
 
     On CPU via numpy: torch 2.13's CPU ``sort`` took 280 ms for 131k int64 keys with 2 threads on
@@ -71,13 +71,13 @@ def _stable_argsort(keys: Tensor) -> Tensor:
     return torch.sort(keys, stable=True).indices
 
 
-def _transpose(col: Tensor, row: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+def transpose_pattern(col: Tensor, row: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     """CSR structure of the transposed pattern: ``(order, crow_t [n_cols + 1], col_t)``.
 
     ``order`` permutes the entries (row-major) into column-major order (a stable sort by column:
     rows stay ascending within a column); ``col_t`` is each of those entries' row.
     """
-    order = _stable_argsort(col)
+    order = stable_argsort(col)
     bounds = torch.arange(n_cols + 1, device=col.device)
     crow_t = torch.searchsorted(col[order], bounds)
     return order, crow_t, row[order]
@@ -132,7 +132,7 @@ class SparseJvpFn(torch.autograd.Function):
         grad_v = grad_W_enc = grad_W_dec = grad_W_skip = None
         g_t = _sddmm(crow, col, g, W_dec.T) if (need[0] or need[4]) else None  # [nnz]
         if need[4] or need[5]:
-            order, crow_t, col_t = _transpose(col, row, n)
+            order, crow_t, col_t = transpose_pattern(col, row, n)
             if need[5]:
                 grad_W_dec = _spmm(crow_t, col_t, t[order], n, g)  # [n, d_out]
             if need[4]:
