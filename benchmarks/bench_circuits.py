@@ -43,7 +43,15 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--beam", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model, transcoders and attribution)")
     args = ap.parse_args()
+    dev = args.device
+    cuda = dev.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -51,14 +59,14 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     cfg = transformers.GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=12)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = transformers.GPT2LMHeadModel(cfg).eval().to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     tcs = []
     for l in range(args.layers):
         c = SparseCoder(CoderConfig(d_in=args.d_model, n_latents=args.features, activation="topk",
-                                    k=args.k), generator=g).eval()
+                                    k=args.k), generator=g).eval().to(dev)
         for p in c.parameters():
             p.requires_grad_(False)
         tcs.append(Transcoder(l, c))
@@ -70,6 +78,7 @@ def main() -> None:
 
     t1 = time.perf_counter()
     run = record_run(model, ids, tcs)
+    sync()
     record_s = time.perf_counter() - t1
     at = Attributor(run)
     f = run.transcoders[args.layers - 1].f[args.seq - 1]
@@ -77,10 +86,12 @@ def main() -> None:
     t2 = time.perf_counter()
     result = search_paths(at, root, SearchConfig(depth=args.depth, beam=args.beam))
     graph = build_graph(result, n_layers=args.layers, tokens=ids.tolist())
+    sync()
     search_s = time.perf_counter() - t2
     total_s = record_s + search_s
     per_row = args.layers * cfg.n_head * args.seq + args.layers * args.features + 3 * args.layers + 2
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
+          + (f", device {dev} ({torch.cuda.get_device_name()})" if cuda else ""))
     print(f"model: GPT-2 shape, {args.layers} layers, d_model {args.d_model}, 12 heads; "
           f"transcoders: {args.features} features/layer (TopK k={args.k}) at every layer; prompt {args.seq} tokens")
     print(f"search: root {root.name}, depth {args.depth}, beam {args.beam}: {len(result.paths)} paths, "
@@ -91,7 +102,8 @@ def main() -> None:
     print(f"path search + graph:      {search_s:.2f} s")
     print(f"TOTAL (record + search):  {total_s:.2f} s  (target < 60 s)")
     print(f"weights: {weights_mb:.0f} MiB; peak RSS before the run {rss_before:.0f} MiB, "
-          f"after {peak_rss_mb():.0f} MiB (+{peak_rss_mb() - rss_before:.0f} MiB)")
+          f"after {peak_rss_mb():.0f} MiB (+{peak_rss_mb() - rss_before:.0f} MiB)"
+          + (f"; GPU peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if cuda else ""))
     print(f"largest attribution tensor per expansion batch: [probes <= {args.beam}, {per_row}] "
           f"({args.beam * per_row * 4 / 2**20:.1f} MiB float32)")
     print("top paths:")

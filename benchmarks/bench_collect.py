@@ -45,11 +45,12 @@ def bare_forward(adapter, contexts: torch.Tensor, layer: int, batch_contexts: in
     def stop(_t: torch.Tensor) -> None:
         raise StopForward
 
+    device = next(adapter.model.parameters()).device
     with torch.inference_mode(), hooks_removed_after() as handles:
         handles.extend(adapter.hook_site(layer, "mlp_out", stop))
         for i in range(0, contexts.shape[0], batch_contexts):
             try:
-                adapter.forward(contexts[i:i + batch_contexts])
+                adapter.forward(contexts[i:i + batch_contexts].to(device))
             except StopForward:
                 pass
 
@@ -74,19 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-contexts", type=int, default=16, help="contexts per forward pass")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (medians are reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model's device)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    lm = get_model(LMConfig(model=args.model))
+    lm = get_model(LMConfig(model=args.model, device=args.device))
     adapter = lm.adapter
     layer = resolve_layer(adapter, args.layer)
     corpus = get_corpus(lm, CorpusConfig(context_length=args.context_length))
     contexts = corpus.train[: args.contexts]
+    cuda = args.device.startswith("cuda")
     n_tok = contexts.numel()
     print(f"mechfaith activation-collection benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (f", device {args.device} ({torch.cuda.get_device_name()})" if cuda else ""))
     print(f"model {lm.name} ({adapter.family.name}, {adapter.n_layers} layers), layer {layer}; "
           f"{contexts.shape[0]} contexts x {contexts.shape[1]} tokens = {n_tok} tokens per measurement, "
           f"{args.batch_contexts} contexts per forward pass")
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     collect_iter(adapter, contexts, layer, args.batch_contexts)
                 else:
                     collect_disk(adapter, contexts, layer, args.batch_contexts, Path(tmp) / f"cache{rep}")
+                if cuda:
+                    torch.cuda.synchronize()
                 wall[kind].append(time.perf_counter() - t0)
                 cpu[kind].append(time.process_time() - c0)
     for name, times in (("wall-clock", wall), ("process CPU time", cpu)):

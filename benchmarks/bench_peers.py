@@ -56,6 +56,7 @@ from mechfaith.training.stack import CoderStack, StackMember  # noqa: E402
 from mechfaith.training.stack_trainer import StackTrainer, bf16_supported  # noqa: E402
 
 Step = Callable[[], Any]
+DEVICE = "cpu"  # --device: where every contender's tensors live; CUDA timings wait for the device
 
 
 def _adam(params) -> torch.optim.Adam:
@@ -64,7 +65,7 @@ def _adam(params) -> torch.optim.Adam:
 
 def _mf_cfg(**kw) -> TrainConfig:
     base = dict(n_steps=10**9, batch_size=4096, lr=1e-4, lr_warmup_steps=0, lr_decay="none", grad_clip=1.0,
-                log_every=10**9, checkpoint_every=0)
+                log_every=10**9, checkpoint_every=0, device=DEVICE)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -98,8 +99,9 @@ def saelens_step(sae, x, coefs: dict[str, float]) -> Step:
     from sae_lens.saes.sae import TrainStepInput
 
     opt = _adam(sae.parameters())
-    since = torch.zeros(sae.cfg.d_sae)
-    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    sae.to(DEVICE)
+    since = torch.zeros(sae.cfg.d_sae, device=DEVICE)
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=DEVICE)
     state = {"i": 0}
 
     def step():
@@ -141,9 +143,9 @@ def sl_topk(x, d, n, k, sparse: bool) -> Step:
 def sp_topk(x, d, n, k) -> Step:
     from sparsify import SparseCoder, SparseCoderConfig
 
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=DEVICE)
     opt = _adam(sae.parameters())
-    since = torch.zeros(n, dtype=torch.long)
+    since = torch.zeros(n, dtype=torch.long, device=DEVICE)
 
     def step():
         sae.set_decoder_norm_to_unit_norm()
@@ -156,7 +158,7 @@ def sp_topk(x, d, n, k) -> Step:
         opt.step()
         opt.zero_grad()
         with torch.no_grad():
-            did = torch.zeros(n, dtype=torch.bool)
+            did = torch.zeros(n, dtype=torch.bool, device=DEVICE)
             did[out.latent_indices.flatten()] = True
             since.add_(x.shape[0])
             since[did] = 0
@@ -170,9 +172,9 @@ def matmuls(B: int, d: int, n: int, which: str = "step") -> Step:
     rate for exactly these shapes. ``step``: x W_enc, f W_dec, f^T g, g W_dec^T, x^T g (ReLU step);
     ``enc``: x W_enc only (the sparse TopK step's one dense product)."""
     g = torch.Generator().manual_seed(1)
-    x, w_enc, w_dec = torch.randn(B, d, generator=g), torch.randn(d, n, generator=g), torch.randn(n, d, generator=g)
-    f, gy = torch.randn(B, n, generator=g), torch.randn(B, d, generator=g)
-    o_bn, o_bd, o_nd, o_dn = torch.empty(B, n), torch.empty(B, d), torch.empty(n, d), torch.empty(d, n)
+    x, w_enc, w_dec = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((B, d), (d, n), (n, d)))
+    f, gy = torch.randn(B, n, generator=g).to(DEVICE), torch.randn(B, d, generator=g).to(DEVICE)
+    o_bn, o_bd, o_nd, o_dn = (torch.empty(*shape, device=DEVICE) for shape in ((B, n), (B, d), (n, d), (d, n)))
     if which == "enc":
         return lambda: torch.mm(x, w_enc, out=o_bn)
 
@@ -195,6 +197,8 @@ def time_once(fn: Step) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads)."""
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -257,13 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--only", default="a,b,c", help="which configurations: a,b,c")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     tuned = tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     B, D, N, K, S = args.batch, args.d, args.latents, args.k, args.sweep_size
     only = set(args.only.split(","))
-    x = torch.randn(B, D, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     peers: dict[str, str] = {}
     for mod, dist_name in (("sae_lens", "sae-lens"), ("sparsify", "eai-sparsify")):
         try:
@@ -283,12 +290,12 @@ def main(argv: list[str] | None = None) -> int:
           f"repetitions after {args.warmup} warm-up; ratios = peer time / mechfaith time (> 1: mechfaith faster)")
 
     # the machine's matmul rate: measured inside each configuration, interleaved with its steps
-    a, w = torch.randn(B, D), torch.randn(D, N)
+    a, w = torch.randn(B, D, device=DEVICE), torch.randn(D, N, device=DEVICE)
     ab, wb = a.bfloat16(), w.bfloat16()
     mm = measure({"mm_f32": lambda: torch.mm(a, w), "mm_bf16": lambda: torch.mm(ab, wb)}, 1, 5, 1)
     mm_flops = 2.0 * B * D * N
     print(f"# torch.mm {B}x{D}x{N} now: float32 {mm_flops / med(mm, 'mm_f32') / 1e6:.0f} GFLOP/s, bfloat16 "
-          f"{mm_flops / med(mm, 'mm_bf16') / 1e6:.0f} GFLOP/s (bf16 native: {bf16_supported('cpu')}); "
+          f"{mm_flops / med(mm, 'mm_bf16') / 1e6:.0f} GFLOP/s (bf16 native: {bf16_supported(DEVICE)}); "
           f"the ratios below use the rate measured interleaved with the steps")
     rate32 = mm_flops / (med(mm, "mm_f32") / 1e3)
     results: list[str] = []
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(c1) sweep of {S} ReLU + L1 coders {D} -> {n} (L1 coefficients {coefs[0]:g}..{coefs[-1]:g})")
         c = {"batched": mf_sweep(x, D, n, [StackMember(sparsity_coef=v) for v in coefs], "relu", "l1", False),
              "sequential": seq([mf_relu(x, D, n, v) for v in coefs])}
-        if bf16_supported("cpu"):
+        if bf16_supported(DEVICE):
             c["batched_bf16"] = mf_sweep(x, D, n, [StackMember(sparsity_coef=v) for v in coefs], "relu", "l1", True)
             c["sequential_bf16"] = seq([mf_sweep(x, D, n, [StackMember(sparsity_coef=v)], "relu", "l1", True)
                                         for v in coefs])
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(c2) sweep of {S} TopK coders {D} -> {n} (k = {ks[0]}..{ks[-1]})")
         c = {"batched": mf_sweep(x, D, n, [StackMember(k=v) for v in ks], "topk", "none", False),
              "sequential": seq([mf_topk(x, D, n, v, sparse=True) for v in ks])}
-        if bf16_supported("cpu"):
+        if bf16_supported(DEVICE):
             c["batched_bf16"] = mf_sweep(x, D, n, [StackMember(k=v) for v in ks], "topk", "none", True)
         if "sparsify" in peers:
             c["sparsify_seq"] = seq([sp_topk(x, D, n, v) for v in ks])

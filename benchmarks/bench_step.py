@@ -43,24 +43,28 @@ from mechfaith.perf import tune_malloc
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.trainer import Trainer
 
+DEVICE = "cpu"  # --device; on CUDA every timing waits for the device (torch.cuda.synchronize)
+
 
 def time_once(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads)."""
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
 def matmul_suite(batch: int, d: int, n: int) -> list[tuple[str, Callable[[], object], float]]:
     """The five matmuls of a training step, as torch.mm calls with preallocated outputs."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, d, generator=g)
-    w_enc = torch.randn(d, n, generator=g)
-    w_dec = torch.randn(n, d, generator=g)
-    f = torch.randn(batch, n, generator=g)
-    gy = torch.randn(batch, d, generator=g)
-    o_bn, o_bd = torch.empty(batch, n), torch.empty(batch, d)
-    o_nd, o_dn = torch.empty(n, d), torch.empty(d, n)
+    x = torch.randn(batch, d, generator=g).to(DEVICE)
+    w_enc = torch.randn(d, n, generator=g).to(DEVICE)
+    w_dec = torch.randn(n, d, generator=g).to(DEVICE)
+    f = torch.randn(batch, n, generator=g).to(DEVICE)
+    gy = torch.randn(batch, d, generator=g).to(DEVICE)
+    o_bn, o_bd = torch.empty(batch, n, device=DEVICE), torch.empty(batch, d, device=DEVICE)
+    o_nd, o_dn = torch.empty(n, d, device=DEVICE), torch.empty(d, n, device=DEVICE)
     flops = 2.0 * batch * d * n
     return [
         ("fwd  x W_enc        ", lambda: torch.mm(x, w_enc, out=o_bn), flops),
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per measurement (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the matmul roofline is then the GPU's)")
     p.add_argument("--no-tune-malloc", action="store_true",
                    help="leave glibc malloc as it is (see mechfaith.perf.tune_malloc)")
     p.add_argument("--no-plain", action="store_true",
@@ -94,21 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-relu", action="store_true",
                    help="skip the ReLU coder's steps and (a) (TopK rows only; needs --topk > 0)")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
 
     tuned = False if args.no_tune_malloc else tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     B, D, N, H = args.batch, args.d, args.latents, args.hidden
     torch.manual_seed(0)
-    reference = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)).requires_grad_(False)
+    reference = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)).requires_grad_(False).to(DEVICE)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, D, generator=g)
+    x = torch.randn(B, D, generator=g).to(DEVICE)
     with torch.no_grad():
         y = reference(x)  # the target is given (as from an activation cache)
 
     ccfg = CoderConfig(d_in=D, n_latents=N, activation="relu")
     base_cfg = TrainConfig(n_steps=10**9, batch_size=B, lr=1e-4, lr_warmup_steps=0, sparsity="l1",
-                           sparsity_coef=1e-3, sparsity_warmup_steps=0, log_every=10**9)
+                           sparsity_coef=1e-3, sparsity_warmup_steps=0, log_every=10**9, device=DEVICE)
     jm_cfg = TrainConfig(**{**base_cfg.__dict__, "jacobian_coef": 1.0, "n_probes": 1})
 
     def trainer(cfg: TrainConfig, fused: bool = True) -> Trainer:
@@ -160,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_flops = 4 * 2.0 * B * D * H  # torch.func.jvp of the reference: primal + tangent, 2 layers
     jm_flops = 2 * step_flops + ref_flops
 
-    print(f"# bench_step  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} CPUs  "
-          f"torch {torch.__version__}  threads {torch.get_num_threads()}  "
+    gpu = f"  {torch.cuda.get_device_name()}" if DEVICE.startswith("cuda") else ""
+    print(f"# bench_step  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} CPUs{gpu}  "
+          f"torch {torch.__version__}  threads {torch.get_num_threads()}  device {DEVICE}  "
           f"glibc malloc tuned: {tuned}")
     print(f"# transcoder {D} -> {N} -> {D}, batch {B}, ReLU, L1 penalty, fused Adam, Trainer.step; "
           f"reference GELU MLP {D} -> {H} -> {D}"

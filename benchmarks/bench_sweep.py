@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--only", default="relu,topk")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (model, coders and sweeps)")
     args = p.parse_args(argv)
+    dev = args.device
     tuned = tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,26 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     D, N, S = args.d, args.latents, args.size
     lm = random_model("llama", n_layers=args.layer + 1, d_model=D, d_mlp=args.d_mlp, n_heads=args.heads,
                       vocab_size=49152, max_positions=args.ctx_len + 1, seed=0)
-    lm.model.eval()
+    lm.model.eval().to(dev)
     g = torch.Generator().manual_seed(0)
     contexts = torch.randint(2, 49152, (args.contexts, args.ctx_len), generator=g)
     contexts[:, 0] = 0
 
     def activations() -> torch.Tensor:
         batch = next(iter_model_activations(lm.model, contexts, [args.layer], batch_contexts=args.contexts))
-        return batch[args.layer][0]  # x [rows, d]
+        return batch[args.layer][0]  # x [rows, d], on the model's device
+
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        if not dev.startswith("cuda"):
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize())
 
     x_cached = activations()
     B = x_cached.shape[0]
     tcfg = TrainConfig(n_steps=10**9, batch_size=B, lr=1e-4, lr_warmup_steps=0, lr_decay="none",
-                       log_every=10**9, checkpoint_every=0, grad_clip=1.0)
+                       log_every=10**9, checkpoint_every=0, grad_clip=1.0, device=dev)
     load = os.getloadavg()
-    print(f"# bench_sweep  {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}  {os.cpu_count()} CPUs  "
-          f"torch {torch.__version__}  threads {torch.get_num_threads()}  malloc tuned {tuned}  "
+    gpu = f"  {torch.cuda.get_device_name()}" if dev.startswith("cuda") else ""
+    print(f"# bench_sweep  {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}  {os.cpu_count()} CPUs{gpu}  "
+          f"torch {torch.__version__}  threads {torch.get_num_threads()}  device {dev}  malloc tuned {tuned}  "
           f"load avg {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"# {S} SAEs {D} -> {N}, batch {B}; activations: Llama (SmolLM2-135M shapes) layer {args.layer} "
           f"mlp_in, {args.contexts} x {args.ctx_len} tokens")
-    bf16 = bf16_supported("cpu")
+    bf16 = bf16_supported(dev)
     results = []
     for kind in args.only.split(","):
         if kind == "relu":
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, sw in sweeps.items():
             variants[f"{name}_model"] = (lambda s=sw: s.step(activations()))
             variants[f"{name}_cache"] = (lambda s=sw: s.step(x_cached))
+        variants = {k: synced(fn) for k, fn in variants.items()}
         for fn in variants.values():
             fn()
         rows = []
