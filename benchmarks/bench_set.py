@@ -15,14 +15,15 @@ as sparsify keeps it), one TopK transcoder ``mlp_in -> mlp_out`` per layer of ``
 LM default, sparsify's ``skip_connection=True``). Contenders, each timed per training step of all
 the layers' coders (tokens per second = batch tokens / step time):
 
-- ``set``: mechfaith's set, as ``lm train --layers all`` builds it (one ``Trainer`` per layer,
+- ``set``: mechfaith's set with dense coders (one ``Trainer`` per layer,
   ``SparseCoder`` from ``LMCoderConfig.coder_config`` initialised by ``init_from_data`` on the
   batch, the LM training defaults): one forward pass
   capturing every layer (``iter_model_activations``; it stops after the last layer's MLP, so no
   final norm and no logits) and one ``run_step`` of all the Trainers together (one host sync).
 - ``set_sparse``: the same Trainers with their coders switched to the sparse TopK training path
-  (``enable_sparse_decode``: CSR decoder, sparse encoder backward), which ``lm train`` does not
-  use (yet); sparsify's CPU path is sparse too, so this is the like-for-like row against it.
+  (``enable_sparse_decode``: CSR decoder, sparse encoder backward), which is what ``lm train
+  --layers all`` runs (``LMCoderConfig.sparse_decode``, on by default since 2026-11-30); sparsify's
+  CPU path is sparse too, so this is the like-for-like row against it.
 - ``sequential`` (a): today's single-layer path, one layer after another: per layer a forward pass
   stopped at that layer (``iter_model_activations`` with ``[l]``) and one ``Trainer.step`` of that
   layer's coder (the same dense coders as ``set``). Today's ``lm train`` also writes the
