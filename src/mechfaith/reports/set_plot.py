@@ -28,6 +28,10 @@ def plot_set_eval(result: SetEvalResult, path: str | Path) -> None:
     l0.plot(layers, [p.l0 if p.l0 is not None else float("nan") for p in result.per_layer], "s--",
             color="tab:orange", ms=3, label="L0")
     l0.set_ylabel("L0 (active latents per token)", color="tab:orange")
+    l0s = [p.l0 for p in result.per_layer if p.l0 is not None]
+    if l0s:  # from 0, without an offset: TopK's L0 is k up to float rounding, not a curve to zoom into
+        l0.set_ylim(0, max(l0s) * 1.15 + 1e-9)
+        l0.ticklabel_format(axis="y", useOffset=False)
     top.set_title(f"{result.model}: a coder at {len(layers)} layers", fontsize=10)
     nan = float("nan")
     bottom.plot(layers, [p.ce_prefix if p.ce_prefix is not None else nan for p in result.per_layer], "o-",
