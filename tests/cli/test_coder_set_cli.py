@@ -66,6 +66,13 @@ def test_export_a_set(tiny_set, tmp_path, capsys):
     assert "not an empty folder" in capsys.readouterr().err and files_under(tmp_path) == before
 
 
+def test_eval_of_a_set_refuses_layer(tiny_set, capsys):
+    assert main(["lm", "eval", str(tiny_set), "--layer", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--layer does not apply to a set" in err[0]
+    assert not (tiny_set / "eval.json").exists()
+
+
 def test_inspect_a_set(tiny_set, capsys):
     assert main(["inspect", str(tiny_set)]) == 0
     text = capsys.readouterr().out

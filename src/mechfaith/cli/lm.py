@@ -283,6 +283,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from mechfaith.lm.evaluate import evaluate
     from mechfaith.lm.set_eval import SET_EVAL_CONTEXTS
 
+    if args.layer is not None and is_coder_set(args.coder):
+        raise ConfigError("--layer does not apply to a set (lm eval SET splices all its layers; evaluate one "
+                          "layer's coder with lm eval SET/layers/L<l>)")
     base = LMConfig()
     lm_cfg = dataclasses.replace(
         base, model=args.model or base.model, layer=args.layer if args.layer is not None else base.layer,
