@@ -10,7 +10,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
+
+from mechfaith.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -72,3 +74,21 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(target: str | os.PathLike[str], own_names: Collection[str], what: str) -> None:
+    """Refuse (:class:`~mechfaith.errors.ConfigError`) to let :func:`atomic_dir` replace ``target``
+    unless it is new, an empty folder, or a folder holding only ``own_names`` (a ``what`` written
+    before, which is replaced whole): never a file, the current folder or a folder of other things."""
+    path = Path(target)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file: give --out a new folder")
+    if path.resolve() == Path.cwd().resolve():
+        raise ConfigError(f"--out {path} is the current folder: give a new folder")
+    others = sorted(c.name for c in path.iterdir() if c.name not in own_names)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ConfigError(f"{path} holds files that are not a {what}'s ({shown}): give --out a new or empty "
+                          f"folder (it would be replaced whole)")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mechfaith.atomic import check_replaceable
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_sections
 from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
@@ -112,7 +113,7 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("collect", help="collect MLP input/output activations into a cache folder",
                        formatter_class=fmt)
-    p.add_argument("--out", default="lm-activations", help="cache folder (replaced whole)")
+    p.add_argument("--out", default="lm-activations", help="cache folder: new, empty, or a cache collected before (replaced whole)")
     p.add_argument("--layers", default=None,
                    help="layers collected in one pass: 'all', a range like 0-29 or a list like 1,3,5 "
                         "(default: --layer); a set trains from it with lm train --layers ... --activations")
@@ -211,10 +212,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_collect(args: argparse.Namespace) -> int:
+    from mechfaith.lm.activation_cache import INDEX_NAME
     from mechfaith.lm.collect import collect
     from mechfaith.lm.layer_set import parse_layers
     from mechfaith.lm.model_cache import get_model
 
+    out = Path(args.out)
+    old_cache = {c.name for c in out.iterdir()} if (out / INDEX_NAME).is_file() else set()
+    check_replaceable(out, old_cache, "activation cache")  # a cache collected before is replaced whole
     lm_cfg, corpus_cfg, _, _ = _configs(args, coder=False, train=False)
     layers = None
     if args.layers:
@@ -339,12 +344,13 @@ def _run_export(args: argparse.Namespace) -> int:
     from mechfaith.lm.coder_files import open_coder
     from mechfaith.lm.coder_set import export_set_saelens, is_coder_set
     from mechfaith.lm.layer_set import layers_text
-    from mechfaith.lm.saelens import export_saelens
+    from mechfaith.lm.saelens import SAELENS_CFG, SAELENS_WEIGHTS, export_saelens
 
     if is_coder_set(args.coder):
         written = export_set_saelens(args.coder, args.out)
         print(f"wrote {len(written)} SAELens folders {Path(args.out) / 'L<l>'} (layers {layers_text(written)})")
         return 0
+    check_replaceable(args.out, (SAELENS_CFG, SAELENS_WEIGHTS), "SAELens folder")
     ref = open_coder(args.coder)
     export_saelens(ref.coder, args.out, layer=ref.layer, input_site=ref.input_site or "mlp_in",
                    output_site=ref.output_site or "mlp_out", model_name=ref.model or "")
@@ -353,13 +359,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from mechfaith.coders.files import save_coder
+    from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, save_coder
     from mechfaith.jsonio import json_safe
     from mechfaith.lm.coder_files import open_coder
 
     src = Path(args.source)
     if not src.exists():
         raise ConfigError(f"{src}: no such file or folder")
+    check_replaceable(args.out, (CONFIG_NAME, WEIGHTS_NAME), "mechfaith coder folder")
     ref = open_coder(src)
     training = {"source": f"imported from {src}", "model": args.model or ref.model, "layer": ref.layer,
                 "input_site": ref.input_site, "output_site": ref.output_site}
