@@ -113,7 +113,8 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("collect", help="collect MLP input/output activations into a cache folder",
                        formatter_class=fmt)
-    p.add_argument("--out", default="lm-activations", help="cache folder: new, empty, or a cache collected before (replaced whole)")
+    p.add_argument("--out", default="lm-activations",
+                   help="cache folder: new, empty, or a cache collected before (replaced whole)")
     p.add_argument("--layers", default=None,
                    help="layers collected in one pass: 'all', a range like 0-29 or a list like 1,3,5 "
                         "(default: --layer); a set trains from it with lm train --layers ... --activations")
