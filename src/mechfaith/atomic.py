@@ -84,11 +84,11 @@ def check_replaceable(target: str | os.PathLike[str], own_names: Collection[str]
     if not path.exists():
         return
     if not path.is_dir():
-        raise ConfigError(f"{path} is a file: give --out a new folder")
+        raise ConfigError(f"{path} is a file, not an empty folder: give --out a new folder")
     if path.resolve() == Path.cwd().resolve():
         raise ConfigError(f"--out {path} is the current folder: give a new folder")
     others = sorted(c.name for c in path.iterdir() if c.name not in own_names)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise ConfigError(f"{path} holds files that are not a {what}'s ({shown}): give --out a new or empty "
-                          f"folder (it would be replaced whole)")
+        raise ConfigError(f"{path} is not an empty folder and holds files that are not a {what}'s ({shown}): "
+                          f"give --out a new or empty folder (it would be replaced whole)")

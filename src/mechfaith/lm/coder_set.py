@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mechfaith.atomic import atomic_dir
+from mechfaith.atomic import atomic_dir, check_replaceable
 from mechfaith.coders.files import CONFIG_NAME, read_json
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.coder_files import open_coder
@@ -80,8 +80,7 @@ def export_set_saelens(folder: str | Path, out: str | Path) -> dict[int, Path]:
     written, then written into a temporary folder renamed to ``out`` at the end: an error anywhere
     (a damaged coder, one SAELens cannot hold) leaves nothing behind."""
     folder, out = Path(folder), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not an empty folder: export the set into a new one")
+    check_replaceable(out, (), "coder set export")
     manifest = read_set(folder)
     refs = {l: open_coder(p) for l, p in set_coder_folders(folder, manifest).items()}
     with atomic_dir(out) as tmp:
