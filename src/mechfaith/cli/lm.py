@@ -143,9 +143,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--splice-bos", action="store_true",
                    help="for a set (a folder with set.json): replace BOS too (default: every layer keeps "
                         "the model's own MLP output at BOS, which the set's coders never saw)")
-    p.add_argument("--keep-massive", type=float, default=50.0, metavar="RATIO",
+    p.add_argument("--keep-massive", type=float, default=None, metavar="RATIO",
                    help="for a set: positions whose own MLP output norm exceeds RATIO x the median (attention "
-                        "sinks, left out of a streamed set's training) keep it; 0 replaces them too")
+                        "sinks, left out of a streamed set's training) keep it; 0 replaces them too (default: 50)")
     p.add_argument("--include-bos", action="store_true",
                    help="include BOS in FVE / L0 statistics (default: reported separately)")
     add_quiet_option(p, "hide progress bars")

@@ -50,14 +50,14 @@ def run_eval_set(args: argparse.Namespace, lm_cfg: LMConfig) -> int:
     from mechfaith.lm.coder_files import coder_corpus_with_source
     from mechfaith.lm.coder_set import read_set
     from mechfaith.lm.layer_set import LAYERS_DIR
-    from mechfaith.lm.set_eval import evaluate_set
+    from mechfaith.lm.set_eval import DEFAULT_KEEP_MASSIVE, evaluate_set
     from mechfaith.reports.set_plot import plot_set_eval
 
     manifest = read_set(args.coder)
     first = Path(args.coder) / manifest.coders[str(manifest.layers[0])]
     corpus_cfg = coder_corpus_with_source(first, args.corpus_source)
     e = evaluate_set(args.coder, lm_cfg, corpus_cfg, keep_bos=not args.splice_bos,
-                     keep_massive=args.keep_massive, out=args.out,
+                     keep_massive=DEFAULT_KEEP_MASSIVE if args.keep_massive is None else args.keep_massive, out=args.out,
                      progress=not getattr(args, "quiet", False))
     print(f"set of {len(e.layers)} layers of {e.model} on {e.eval_tokens} held-out tokens ({e.eval_source}); "
           f"BOS {'kept' if e.keep_bos else 'spliced'}, "

@@ -16,6 +16,9 @@ from mechfaith.lm.activations import STORAGE_DTYPES
 from mechfaith.lm.adapters import INPUT_SITES
 from mechfaith.training.config import TrainConfig
 
+# Attention-sink cut (x the median MLP output norm): left out of a streamed set's training, kept by its splice.
+MASSIVE_RATIO = 50.0
+
 
 @dataclass
 class LMConfig:
@@ -38,7 +41,7 @@ class LMConfig:
     massive_ratio: float = doc("A set streamed from the model leaves out of training the tokens whose MLP output "
                                "norm exceeds this multiple of the median at any of its layers (attention sinks "
                                "with 'massive activations': SmolLM2 layer 11 writes norms near 25,000 against a "
-                               "median of 30 there); 0 keeps every token.", 50.0)
+                               "median of 30 there); 0 keeps every token.", MASSIVE_RATIO)
     batch_contexts: int = doc("Contexts per forward pass of the model (collection and eval).", 32)
     storage_dtype: str = doc("dtype of the activation cache on disk.", "float32",
                              choices=tuple(STORAGE_DTYPES))

@@ -32,7 +32,7 @@ from mechfaith.errors import ConfigError
 from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.coder_files import open_coder
 from mechfaith.lm.coder_set import read_set, set_coder_folders
-from mechfaith.lm.config import LMConfig
+from mechfaith.lm.config import MASSIVE_RATIO, LMConfig
 from mechfaith.lm.corpus import CorpusConfig, eval_contexts
 from mechfaith.lm.fidelity import FidelityConfig, SpliceEntry, evaluate_many, group_key
 from mechfaith.lm.model_cache import get_model
@@ -41,9 +41,8 @@ SET_EVAL_JSON = "eval.json"
 # Held-out contexts ``lm eval SET`` uses unless told: a set of L layers costs about 2 L + 3 forward
 # passes per batch (each layer alone, every prefix), 63 for SmolLM2's 30 layers.
 SET_EVAL_CONTEXTS = 16
-# Attention sinks keep the model's own MLP output, as BOS does (the set was trained without them:
-# LMConfig.massive_ratio has the same default).
-DEFAULT_KEEP_MASSIVE = 50.0
+# Attention sinks keep the model's own MLP output, as BOS does (the set was trained without them).
+DEFAULT_KEEP_MASSIVE = MASSIVE_RATIO
 
 
 @dataclass
