@@ -78,14 +78,14 @@ def normalize_rows(edges: Tensor) -> Tensor:
     return a / a.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def propagate(normalized: Tensor, row_nodes: Tensor, start: Tensor, n_nodes: int,
-              max_iter: int = 10_000) -> Tensor:
+def propagate(normalized: Tensor, row_nodes: Tensor, start: Tensor, n_nodes: int) -> Tensor:
     """``sum_{k>=1} start N^k`` over nodes for a rectangular ``N`` whose row ``r`` is node
-    ``row_nodes[r]`` and whose column ``c`` is node ``c``; ``start`` [n_nodes]."""
+    ``row_nodes[r]`` and whose column ``c`` is node ``c``; ``start`` [n_nodes]. In an acyclic graph
+    no path has more than ``n_rows`` edges; a longer one means a cycle (a ConfigError)."""
     n_src = normalized.shape[1]
     total = torch.zeros(n_nodes, dtype=normalized.dtype, device=normalized.device)
     cur = start.to(normalized.dtype)
-    for _ in range(max_iter):
+    for _ in range(normalized.shape[0] + 1):
         nxt = torch.zeros_like(total)
         nxt[:n_src] = cur[row_nodes] @ normalized
         if not bool(nxt.any()):
