@@ -26,21 +26,32 @@ BANDS = ((0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25))
 def collect_activations(model: Any, tc: Transcoder, contexts: Tensor, features: Sequence[int],
                         batch_contexts: int = 8) -> Tensor:
     """Activations [n_contexts, seq, len(features)] of ``features`` of ``tc`` on ``contexts``."""
+    return collect_layer_activations(model, {tc.layer: tc}, contexts, {tc.layer: features},
+                                     batch_contexts)[tc.layer]
+
+
+def collect_layer_activations(model: Any, transcoders: Mapping[int, Transcoder], contexts: Tensor,
+                              features: Mapping[int, Sequence[int]], batch_contexts: int = 8) -> dict[int, Tensor]:
+    """Per layer of ``features``, the activations [n_contexts, seq, len(features[layer])] of those
+    features of ``transcoders[layer]`` on ``contexts``: one forward pass per batch for all layers."""
     adapter = get_adapter(model)
-    site = tc.input_site
-    coder = tc.coder
-    idx = torch.as_tensor(list(features), dtype=torch.long)
-    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= coder.n_latents):
-        raise ConfigError(f"features must be in [0, {coder.n_latents}) for layer {tc.layer}")
-    out = []
+    idx = {l: torch.as_tensor(list(fs), dtype=torch.long) for l, fs in features.items()}
+    for l, i in idx.items():
+        n = transcoders[l].coder.n_latents
+        if len(i) and (int(i.min()) < 0 or int(i.max()) >= n):
+            raise ConfigError(f"features must be in [0, {n}) for layer {l}")
+    sites = [(l, transcoders[l].input_site) for l in idx]
+    out: dict[int, list[Tensor]] = {l: [] for l in idx}
     device = next(adapter.model.parameters()).device
     with torch.no_grad():
         for i in range(0, contexts.shape[0], batch_contexts):
             ids = contexts[i:i + batch_contexts].to(device)
-            x = adapter.run_with_cache(ids, [(tc.layer, site)])[(tc.layer, site)]
-            f = coder.encode(x.to(coder.W_enc.dtype))
-            out.append(f[..., idx].float().cpu())
-    return torch.cat(out)
+            cache = adapter.run_with_cache(ids, sites)
+            for l, site in sites:
+                coder = transcoders[l].coder
+                f = coder.encode(cache[(l, site)].to(coder.W_enc.dtype))
+                out[l].append(f[..., idx[l]].float().cpu())
+    return {l: torch.cat(v) for l, v in out.items()}
 
 
 def _window(acts: Tensor, ids: Tensor, c: int, p: int, before: int, after: int,
@@ -104,8 +115,7 @@ def feature_dashboards(model: Any, transcoders: Mapping[int, Transcoder], contex
         if layer not in transcoders:
             raise ConfigError(f"no transcoder for layer {layer} (have {sorted(transcoders)})")
         by_layer.setdefault(layer, []).append(idx)
-    acts = {l: collect_activations(model, transcoders[l], contexts, idxs, batch_contexts)
-            for l, idxs in by_layer.items()}
+    acts = collect_layer_activations(model, transcoders, contexts, by_layer, batch_contexts)
     out = []
     for layer, idx in features:
         tc = transcoders[layer]
