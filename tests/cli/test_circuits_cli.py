@@ -76,3 +76,58 @@ def test_dashboard_cli(coders, tmp_path):
     assert args.func(args) == 0
     pages = sorted(p.name for p in out.glob("*.html"))
     assert "index.html" in pages and len(pages) == 4
+
+
+def test_graph_cli(coders, tmp_path, capsys):
+    from mechfaith.circuits.graph_json import read_graph_json
+    from mechfaith.cli import graph as graph_cli
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text(("Some text number %d, with words and more words. " % i) * 40)
+    out = tmp_path / "g"
+    argv = ["graph", "--coders", *coders, "--prompt", "hello there, world", "--max-feature-nodes", "40",
+            "--check", "5", "--dashboards", "3", "--dashboard-contexts", "4", "--corpus-source", str(docs),
+            "--out", str(out), "--quiet"]
+    args = _parse(graph_cli, argv)
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "replacement score" in text and "Spearman frozen" in text
+    g = read_graph_json(out / "graph.json")
+    assert 0.0 <= g["replacement_score"] <= 1.0 and 0.0 <= g["completeness_score"] <= 1.0
+    check = g["meta"]["check"]
+    assert len(check["features"]) == 5 and -1.0 <= check["spearman_frozen"] <= 1.0  # random model: no claim
+    np_graph = json.loads((out / "neuronpedia.json").read_text())
+    assert {"metadata", "qParams", "nodes", "links"} <= set(np_graph)
+    html = (out / "graph.html").read_text()
+    dashboards = sorted(p.name for p in (out / "dashboards").glob("feature_*.html"))
+    assert 1 <= len(dashboards) <= 3 and f"dashboards/{dashboards[0]}" in html
+    # run again into the same folder: replaced whole; a folder of other things is refused
+    assert _parse(graph_cli, argv).func(_parse(graph_cli, argv)) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    bad = _parse(graph_cli, [*argv[:-3], "--out", str(tmp_path / "other"), "--quiet"])
+    with pytest.raises(ConfigError, match="not an empty folder"):
+        bad.func(bad)
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="minus"):
+        a = _parse(graph_cli, [*argv, "--minus", "3"])
+        a.func(a)
+
+
+def test_intervene_cli(coders, tmp_path, capsys):
+    from mechfaith.cli import intervene as intervene_cli
+
+    out = tmp_path / "iv.json"
+    args = _parse(intervene_cli, ["intervene", "--coders", *coders, "--prompt", "hello there, world",
+                                  "--feature", "0:3", "1:5@2*3", "--out", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "[frozen]" in text and "[live]" in text
+    res = json.loads(out.read_text())
+    assert res["interventions"] == ["mlp0tc[3]", "mlp1tc[5]@2*3"]
+    assert set(res) >= {"frozen", "live"} and len(res["live"]["logit_changes"]) == 10
+    bad = _parse(intervene_cli, ["intervene", "--coders", *coders, "--prompt", "hi", "--feature", "7:1"])
+    with pytest.raises(ConfigError, match="no transcoder"):
+        bad.func(bad)

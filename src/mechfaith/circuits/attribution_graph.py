@@ -101,6 +101,7 @@ class AttributionGraph:
     values: Tensor  # [F + K] the targets' values (pre-activations, demeaned logits)
     n_active: int  # active features on the prompt (nodes or not)
     config: GraphConfig
+    feature_share: list[float] = field(default_factory=list)  # per logit: |direct| share from all active features
     seconds: float = 0.0
     _influence: Tensor | None = field(default=None, repr=False)
 
@@ -219,6 +220,8 @@ def build_attribution_graph(run: ReplacementRun, cfg: GraphConfig | None = None,
     row_node = torch.zeros(K + budget, dtype=torch.long)
     probes, logit_values = _logit_probes(run, logits)
     store[:K] = engine.rows(probes)
+    direct = store[:K].abs()
+    feature_share = (direct[:, :A].sum(-1) / direct.sum(-1).clamp_min(1e-30)).tolist()
     row_node[:K] = torch.arange(S, S + K)
     visited = torch.zeros(A, dtype=torch.bool)
     start = torch.zeros(S + K, dtype=store.dtype)
@@ -253,4 +256,4 @@ def build_attribution_graph(run: ReplacementRun, cfg: GraphConfig | None = None,
         tokens=[int(t) for t in run.tokens], token_strings=run.token_strings, n_layers=run.n_layers,
         features=coords, activations=active.values[selected], logits=logits, edges=rows[:, cols].contiguous(),
         values=torch.cat([pre.to(store.dtype), logit_values]), n_active=A, config=cfg,
-        seconds=time.perf_counter() - t0)
+        feature_share=feature_share, seconds=time.perf_counter() - t0)

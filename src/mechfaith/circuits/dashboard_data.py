@@ -44,8 +44,8 @@ def collect_layer_activations(model: Any, transcoders: Mapping[int, Transcoder],
     out: dict[int, list[Tensor]] = {l: [] for l in idx}
     device = next(adapter.model.parameters()).device
     with torch.no_grad():
-        for i in range(0, contexts.shape[0], batch_contexts):
-            ids = contexts[i:i + batch_contexts].to(device)
+        for start in range(0, contexts.shape[0], batch_contexts):
+            ids = contexts[start:start + batch_contexts].to(device)
             cache = adapter.run_with_cache(ids, sites)
             for l, site in sites:
                 coder = transcoders[l].coder

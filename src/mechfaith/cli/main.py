@@ -18,7 +18,7 @@ from mechfaith import __version__
 from mechfaith.errors import MechfaithError, TrainingDiverged
 
 COMMAND_MODULES: tuple[str, ...] = ("toy", "train", "inspect_cmd", "lm", "faithfulness", "circuit",
-                                    "dashboard")
+                                    "graph", "intervene", "dashboard")
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 1

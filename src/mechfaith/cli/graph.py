@@ -1,0 +1,165 @@
+"""``mechfaith graph``: the attribution graph of a prompt's next-token logits.
+
+Records the prompt's linearised replacement model (attention patterns and norm scales frozen, a
+transcoder at every layer of --coders, errors as nodes), computes the direct effects among the
+most influential active features, the error nodes, the tokens and the top logits, prunes the
+graph by influence and writes into --out (replaced whole if it holds an earlier graph):
+
+- ``graph.json``: mechfaith's format, with ``replacement_score`` and ``completeness_score`` at its
+  top level, the pruned nodes and links, the intervention check and timings;
+- ``neuronpedia.json``: the same graph in the schema circuit-tracer's frontend and Neuronpedia load;
+- ``graph.html``: the viewer (tokens along the bottom, layers upward; a click on a feature opens its
+  dashboard in ``dashboards/``, written for the --dashboards most influential features).
+
+The check ablates the --check most influential features one at a time and compares the graph's
+predicted change of the target logit with the measured one, frozen and live (rank correlation and
+median relative error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+
+GRAPH_FILES = ("graph.json", "neuronpedia.json", "graph.html", "dashboards")
+
+
+def add_parser(subparsers: Any) -> None:
+    from mechfaith.circuits.attribution_graph import GraphConfig
+
+    p = subparsers.add_parser("graph", help="attribution graph of a prompt (features, errors, tokens, logits)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
+                   help="a set folder (set.json, from lm train --layers) or transcoder folders")
+    p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+    p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
+    p.add_argument("--position", type=int, default=-1, help="position of the target logits (negative: from the end)")
+    p.add_argument("--target", nargs="+", default=None, metavar="TOKEN",
+                   help="target these tokens (ids or one-token texts) instead of the top predictions")
+    p.add_argument("--minus", default=None, help="with one --target: the logit difference target - minus")
+    add_dataclass_args(p, GraphConfig)
+    p.add_argument("--check", type=int, default=20, help="features ablated in the intervention check (0: none)")
+    p.add_argument("--dashboards", type=int, default=16,
+                   help="dashboards written for this many most influential features of the pruned graph")
+    p.add_argument("--dashboard-contexts", type=int, default=32, help="held-out contexts the dashboards scan")
+    p.add_argument("--corpus-source", default="shakespeare", help="corpus of the dashboards' contexts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="graph", help="output folder")
+    add_quiet_option(p)
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from mechfaith.atomic import check_replaceable
+    from mechfaith.errors import ConfigError
+
+    for name in ("check", "dashboards"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0")
+    if args.dashboard_contexts < 1:
+        raise ConfigError("--dashboard-contexts must be >= 1")
+    if args.minus is not None and (not args.target or len(args.target) != 1):
+        raise ConfigError("--minus needs exactly one --target")
+    check_replaceable(args.out, GRAPH_FILES, "graph")
+
+
+def _bar(args: argparse.Namespace, desc: str) -> Any:
+    from tqdm import tqdm
+
+    if getattr(args, "quiet", False):
+        return None
+    bar = tqdm(desc=desc, unit="row", file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+    return update
+
+
+def _dashboards(args: argparse.Namespace, session: Any, graph: Any, pruned: Any, folder: Path) -> dict[str, str]:
+    """Dashboards of the most influential kept features; node id -> relative link."""
+    import torch
+
+    from mechfaith.circuits.dashboard_data import feature_dashboards
+    from mechfaith.lm.corpus import CorpusConfig, eval_contexts
+    from mechfaith.reports.dashboard import page_name, write_dashboards
+
+    F = graph.blocks.n_features
+    if args.dashboards == 0 or F == 0:
+        return {}
+    infl = graph.influence()[:F] * pruned.node_mask[:F]
+    top = [int(j) for j in torch.argsort(infl, descending=True)[:args.dashboards] if infl[j] > 0]
+    feats = sorted({(int(graph.features[j, 0]), int(graph.features[j, 2])) for j in top})
+    contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source), args.dashboard_contexts)
+    ds = feature_dashboards(session.lm.model, session.transcoders, contexts, feats, session.token_str)
+    write_dashboards(ds, folder / "dashboards", title=f"Features of {session.lm.name} ({where})")
+    pages = {(d["layer"], d["index"]): page_name(d) for d in ds}
+    links = {}
+    for j in range(F):
+        key = (int(graph.features[j, 0]), int(graph.features[j, 2]))
+        if key in pages and bool(pruned.node_mask[j]):
+            links[graph.node_name(j)] = f"dashboards/{pages[key]}"
+    return links
+
+
+def run(args: argparse.Namespace) -> int:
+    from mechfaith.atomic import atomic_dir
+    from mechfaith.circuits.attribution_graph import GraphConfig, build_attribution_graph
+    from mechfaith.circuits.graph_check import check_graph
+    from mechfaith.circuits.graph_json import graph_to_json, neuronpedia_json, write_graph_json
+    from mechfaith.circuits.replacement import record_run
+    from mechfaith.circuits.session import meta_of, open_session
+    from mechfaith.cli.dataclass_args import dataclass_from_args
+    from mechfaith.reports.attribution_graph_page import write_attribution_graph_html
+
+    cfg = dataclass_from_args(GraphConfig, args)
+    _check_args(args)
+    t0 = time.perf_counter()
+    session = open_session(args.model, args.coders, args.device)
+    ids = session.tokenize(args.prompt)
+    strings = [session.token_str(int(t)) for t in ids]
+    tokens = [session.token_id(t) for t in args.target] if args.target else None
+    minus = session.token_id(args.minus) if args.minus is not None else -1
+    t1 = time.perf_counter()
+    run_ = record_run(session.lm.model, ids, session.transcoders, token_strings=strings)
+    graph = build_attribution_graph(run_, cfg, pos=args.position, tokens=tokens, minus=minus,
+                                    progress=_bar(args, "graph rows"))
+    pruned = graph.prune()
+    t2 = time.perf_counter()
+    check = check_graph(session.lm.model, run_, graph, args.check, _bar(args, "check")) if args.check else None
+    t3 = time.perf_counter()
+    logit_strings = [session.token_str(t) for t in graph.logits.tokens]
+    meta = {**meta_of(session), "prompt": args.prompt, "slug": Path(args.out).name,
+            "seconds": {"load": t1 - t0, "graph": t2 - t1, "check": t3 - t2},
+            "check": check.to_dict() if check else None}
+    with atomic_dir(args.out) as tmp:
+        links = _dashboards(args, session, graph, pruned, tmp)
+        data = graph_to_json(graph, pruned, meta, logit_strings=logit_strings)
+        write_graph_json(tmp / "graph.json", data)
+        write_graph_json(tmp / "neuronpedia.json", neuronpedia_json(graph, pruned, meta, logit_strings=logit_strings))
+        write_attribution_graph_html(data, tmp / "graph.html", f"Attribution graph: {args.prompt[:60]!r}", links)
+    _report(graph, pruned, check, strings, data, t2 - t1, Path(args.out))
+    return 0
+
+
+def _report(graph: Any, pruned: Any, check: Any, strings: list[str], data: dict[str, Any], seconds: float,
+            out: Path) -> None:
+    lg = graph.logits
+    top = ", ".join(f"{lg.label(k)} p={float(lg.probabilities[k]):.3f}" for k in range(min(3, len(lg.tokens))))
+    print(f"{len(strings)} tokens, {graph.n_active} active features, {graph.blocks.n_features} feature nodes "
+          f"({seconds:.1f} s); target {strings[lg.pos]!r} -> {top}")
+    print(f"replacement score {data['replacement_score']:.3f}, completeness score {data['completeness_score']:.3f}; "
+          f"pruned: {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} links")
+    if check is not None:
+        print(f"check ({len(check.features)} features, {check.target}): Spearman frozen "
+              f"{check.spearman_frozen:.3f}, live {check.spearman_live:.3f}; median relative error frozen "
+              f"{check.median_rel_error_frozen:.3f}, live {check.median_rel_error_live:.3f}")
+    print(f"wrote {out / 'graph.json'}, {out / 'neuronpedia.json'}, {out / 'graph.html'}")
