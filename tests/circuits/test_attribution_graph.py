@@ -150,3 +150,18 @@ def test_intervention_changes_downstream_features_in_both_worlds(setup):
         run_frozen(run, [Intervention(l, 10_000, p)])
     with pytest.raises(ConfigError):
         run_frozen(run, [Intervention(99, 0, p)])
+
+
+def test_check_graph_is_exact_in_the_frozen_world_with_every_feature(setup):
+    from mechfaith.circuits.graph_check import check_graph
+
+    lm, run, g = setup
+    check = check_graph(lm.model, run, g, n=8)
+    assert len(check.features) == 8
+    for f in check.features:
+        assert f.frozen == pytest.approx(f.predicted, rel=1e-4, abs=1e-7)
+    assert check.spearman["frozen"] == pytest.approx(1.0)
+    assert check.median_rel_error["frozen"] < 1e-4
+    infl = [f.influence for f in check.features]
+    assert infl == sorted(infl, reverse=True)
+    assert all(-1.0 <= check.spearman[w] <= 1.0 for w in ("frozen_nonlinear", "live"))

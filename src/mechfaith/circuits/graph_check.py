@@ -1,17 +1,21 @@
-"""The automatic check of an attribution graph against interventions, frozen and live.
+"""The automatic check of an attribution graph against interventions, in three worlds.
 
 For the ``n`` feature nodes with the largest influence, the graph predicts the change of the target
 logit (the first logit node: the top prediction, a chosen token, or a difference) when the feature
 is ablated at its position: ``-activation x total effect``, the total effect summing every path
 through the graph's feature nodes (:func:`~mechfaith.circuits.graph_scores.total_effects`). The
-check measures the same ablation
+check measures the same ablation in
 
-- in the **frozen** world (:func:`~mechfaith.circuits.interventions.run_frozen`: attention
-  patterns and norm scales frozen, features recomputed by their coders): the graph's own world,
-  where prediction and measurement differ only by features switching on or off and by paths through
-  features left out of the graph;
-- in the **live** world (:func:`~mechfaith.circuits.interventions.run_live`): the real model with
-  transcoders spliced in (errors added back), attention and norms responding,
+- **frozen**: the graph's own world (:func:`~mechfaith.circuits.interventions.run_frozen` with
+  ``features="linear"``): attention patterns, norm scales *and* each transcoder's set of active
+  features frozen, as the linearisation freezes them; prediction and measurement differ only by
+  paths through active features left out of the graph (the feature budget);
+- **frozen_nonlinear**: attention and norms frozen, features recomputed by their coders' activation
+  (TopK re-selects its k, JumpReLU re-gates): what the frozen linearisation leaves out. With TopK
+  coders this is dominated by swaps at the k-th place: the k-th and (k+1)-th pre-activations are
+  close, so a small change downstream swaps features of activation near the cut-off in and out;
+- **live**: the real model with the transcoders spliced in (errors added back), attention, norms and
+  activations all responding (:func:`~mechfaith.circuits.interventions.run_live`),
 
 and reports the Spearman rank correlation and the median relative error ``|predicted - measured| /
 |measured|`` in each.
@@ -43,6 +47,7 @@ class FeatureCheck:
     influence: float
     predicted: float
     frozen: float
+    frozen_nonlinear: float
     live: float
 
 
@@ -52,15 +57,11 @@ class InterventionCheck:
 
     target: str
     features: list[FeatureCheck]
-    spearman_frozen: float
-    spearman_live: float
-    median_rel_error_frozen: float
-    median_rel_error_live: float
+    spearman: dict[str, float]  # world -> rank correlation of predicted and measured
+    median_rel_error: dict[str, float]  # world -> median |predicted - measured| / |measured|
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "spearman_frozen": self.spearman_frozen,
-                "spearman_live": self.spearman_live, "median_rel_error_frozen": self.median_rel_error_frozen,
-                "median_rel_error_live": self.median_rel_error_live,
+        return {"target": self.target, "spearman": self.spearman, "median_rel_error": self.median_rel_error,
                 "features": [vars(f) for f in self.features]}
 
 
@@ -80,22 +81,22 @@ def check_graph(model: Any, run: ReplacementRun, graph: AttributionGraph, n: int
     te = total_effects(graph.edges, graph.activations, graph.blocks, 0)
     infl = graph.influence()[:F]
     top = torch.argsort(infl, descending=True)[:min(n, F)]
-    base_frozen = demeaned_logit(run_frozen(run).logits, lg.pos, tok, minus)
-    base_live = demeaned_logit(run_live(model, run).logits, lg.pos, tok, minus)
+    worlds: dict[str, Callable[[list[Intervention]], float]] = {
+        "frozen": lambda iv: demeaned_logit(run_frozen(run, iv, features="linear").logits, lg.pos, tok, minus),
+        "frozen_nonlinear": lambda iv: demeaned_logit(run_frozen(run, iv).logits, lg.pos, tok, minus),
+        "live": lambda iv: demeaned_logit(run_live(model, run, iv).logits, lg.pos, tok, minus)}
+    base = {w: fn([]) for w, fn in worlds.items()}
     rows = []
     for k, j in enumerate(top.tolist()):
         l, p, i = (int(v) for v in graph.features[j])
         iv = [Intervention(l, i, p)]
         a = float(graph.activations[j])
-        rows.append(FeatureCheck(
-            graph.node_name(j), l, p, i, a, float(infl[j]), -a * float(te[j]),
-            demeaned_logit(run_frozen(run, iv).logits, lg.pos, tok, minus) - base_frozen,
-            demeaned_logit(run_live(model, run, iv).logits, lg.pos, tok, minus) - base_live))
+        measured = {w: fn(iv) - base[w] for w, fn in worlds.items()}
+        rows.append(FeatureCheck(graph.node_name(j), l, p, i, a, float(infl[j]), -a * float(te[j]), **measured))
         if progress is not None:
             progress(k + 1, len(top))
     pred = [r.predicted for r in rows]
-    fro = [r.frozen for r in rows]
-    liv = [r.live for r in rows]
-    return InterventionCheck(lg.label(0), rows, spearman(pred, fro) if len(rows) > 1 else float("nan"),
-                             spearman(pred, liv) if len(rows) > 1 else float("nan"),
-                             _median_rel_error(pred, fro), _median_rel_error(pred, liv))
+    meas = {w: [getattr(r, w) for r in rows] for w in worlds}
+    return InterventionCheck(
+        lg.label(0), rows, {w: spearman(pred, m) if len(rows) > 1 else float("nan") for w, m in meas.items()},
+        {w: _median_rel_error(pred, m) for w, m in meas.items()})

@@ -12,8 +12,9 @@ graph by influence and writes into --out (replaced whole if it holds an earlier 
   dashboard in ``dashboards/``, written for the --dashboards most influential features).
 
 The check ablates the --check most influential features one at a time and compares the graph's
-predicted change of the target logit with the measured one, frozen and live (rank correlation and
-median relative error).
+predicted change of the target logit with the measured one (rank correlation and median relative
+error) in three worlds: frozen (attention, norms and the active features frozen: the graph's own
+world), frozen_nonlinear (features recomputed by their activation) and live (the real model).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def _report(graph: Any, pruned: Any, check: Any, strings: list[str], data: dict[
     print(f"replacement score {data['replacement_score']:.3f}, completeness score {data['completeness_score']:.3f}; "
           f"pruned: {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} links")
     if check is not None:
-        print(f"check ({len(check.features)} features, {check.target}): Spearman frozen "
-              f"{check.spearman_frozen:.3f}, live {check.spearman_live:.3f}; median relative error frozen "
-              f"{check.median_rel_error_frozen:.3f}, live {check.median_rel_error_live:.3f}")
+        print(f"check ({len(check.features)} features, {check.target}): Spearman "
+              + ", ".join(f"{w} {v:.3f}" for w, v in check.spearman.items()) + "; median relative error "
+              + ", ".join(f"{w} {v:.3f}" for w, v in check.median_rel_error.items()))
     print(f"wrote {out / 'graph.json'}, {out / 'neuronpedia.json'}, {out / 'graph.html'}")
