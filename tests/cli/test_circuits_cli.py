@@ -132,3 +132,22 @@ def test_intervene_cli(coders, tmp_path, capsys):
     bad = _parse(intervene_cli, ["intervene", "--coders", *coders, "--prompt", "hi", "--feature", "7:1"])
     with pytest.raises(ConfigError, match="no transcoder"):
         bad.func(bad)
+
+
+def test_graph_case_study_cli(coders, tmp_path):
+    from mechfaith.cli import graph as graph_cli
+
+    out = tmp_path / "cs"
+    args = _parse(graph_cli, ["graph", "--coders", *coders, "--case-study", "--max-feature-nodes", "10",
+                              "--check", "3", "--dashboards", "0", "--out", str(out), "--quiet"])
+    assert args.func(args) == 0
+    rows = json.loads((out / "case_study.json").read_text())
+    assert [r["name"] for r in rows] == list(graph_cli.CASE_STUDY)
+    md = (out / "case_study.md").read_text()
+    assert md.count("\n## ") == 3 and "| factual |" in md
+    for r in rows:
+        assert (out / r["name"] / "graph.html").exists() and r["feature_nodes"] == 10
+        assert 0.0 <= r["feature_share"] <= 1.0 and len(r["top_features"]) == 5
+    both = _parse(graph_cli, ["graph", "--coders", *coders, "--case-study", "--prompt", "x", "--out", str(out)])
+    with pytest.raises(ConfigError, match="case-study"):
+        both.func(both)

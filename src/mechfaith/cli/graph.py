@@ -28,6 +28,13 @@ from typing import Any
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
 
 GRAPH_FILES = ("graph.json", "neuronpedia.json", "graph.html", "dashboards")
+CASE_STUDY = {  # name -> prompt (the README's case study)
+    "factual": "The Eiffel Tower is located in the city of",
+    "shakespeare": "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
+                   "The slings and arrows of outrageous",
+    "induction": "Mr. Dursley was the director of a firm called Grunnings, which made drills. Mr. Dursley "
+                 "was the director of a firm called",
+}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -38,7 +45,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
                    help="a set folder (set.json, from lm train --layers) or transcoder folders")
     p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
-    p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
+    p.add_argument("--prompt", default=None, help="the prompt text (BOS is prepended)")
+    p.add_argument("--case-study", action="store_true",
+                   help="instead of --prompt: the built-in prompts (factual, Shakespeare, induction), one "
+                        "folder each in --out, with case_study.md and case_study.json summarising them")
     p.add_argument("--position", type=int, default=-1, help="position of the target logits (negative: from the end)")
     p.add_argument("--target", nargs="+", default=None, metavar="TOKEN",
                    help="target these tokens (ids or one-token texts) instead of the top predictions")
@@ -66,7 +76,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--dashboard-contexts must be >= 1")
     if args.minus is not None and (not args.target or len(args.target) != 1):
         raise ConfigError("--minus needs exactly one --target")
-    check_replaceable(args.out, GRAPH_FILES, "graph")
+    check_replaceable(args.out, (*CASE_STUDY, "case_study.md", "case_study.json") if args.case_study
+                      else GRAPH_FILES, "graph")
 
 
 def _bar(args: argparse.Namespace, desc: str) -> Any:
@@ -112,23 +123,49 @@ def _dashboards(args: argparse.Namespace, session: Any, graph: Any, pruned: Any,
 
 
 def run(args: argparse.Namespace) -> int:
-    from mechfaith.atomic import atomic_dir
-    from mechfaith.circuits.attribution_graph import GraphConfig, build_attribution_graph
-    from mechfaith.circuits.graph_check import check_graph
-    from mechfaith.circuits.graph_json import graph_to_json, neuronpedia_json, write_graph_json
-    from mechfaith.circuits.replacement import record_run
-    from mechfaith.circuits.session import meta_of, open_session
+    from mechfaith.circuits.attribution_graph import GraphConfig
+    from mechfaith.circuits.session import open_session
     from mechfaith.cli.dataclass_args import dataclass_from_args
-    from mechfaith.reports.attribution_graph_page import write_attribution_graph_html
+    from mechfaith.errors import ConfigError
 
     cfg = dataclass_from_args(GraphConfig, args)
+    if (args.prompt is None) == (not args.case_study):
+        raise ConfigError("give --prompt, or --case-study for the built-in prompts")
     _check_args(args)
     t0 = time.perf_counter()
     session = open_session(args.model, args.coders, args.device)
-    ids = session.tokenize(args.prompt)
+    load = time.perf_counter() - t0
+    if not args.case_study:
+        make_graph(args, cfg, session, args.prompt, Path(args.out), load)
+        return 0
+    from mechfaith.atomic import atomic_dir, write_text_atomic
+    from mechfaith.jsonio import write_json
+    from mechfaith.reports.graph_case_study import case_study_markdown
+
+    with atomic_dir(args.out) as tmp:
+        rows = [make_graph(args, cfg, session, prompt, tmp / name, load, name=name)
+                for name, prompt in CASE_STUDY.items()]
+        write_json(tmp / "case_study.json", rows)
+        write_text_atomic(tmp / "case_study.md", case_study_markdown(rows))
+    print(f"wrote {Path(args.out) / 'case_study.md'}")
+    return 0
+
+
+def make_graph(args: argparse.Namespace, cfg: Any, session: Any, prompt: str, out: Path, load: float,
+               name: str | None = None) -> dict[str, Any]:
+    """One prompt's graph, check, dashboards and files in ``out``; its summary row."""
+    from mechfaith.atomic import atomic_dir
+    from mechfaith.circuits.attribution_graph import build_attribution_graph
+    from mechfaith.circuits.graph_check import check_graph
+    from mechfaith.circuits.graph_json import graph_to_json, neuronpedia_json, write_graph_json
+    from mechfaith.circuits.replacement import record_run
+    from mechfaith.circuits.session import meta_of
+    from mechfaith.reports.attribution_graph_page import write_attribution_graph_html
+
+    ids = session.tokenize(prompt)
     strings = [session.token_str(int(t)) for t in ids]
-    tokens = [session.token_id(t) for t in args.target] if args.target else None
-    minus = session.token_id(args.minus) if args.minus is not None else -1
+    tokens = [session.token_id(t) for t in args.target] if args.target and not name else None
+    minus = session.token_id(args.minus) if args.minus is not None and not name else -1
     t1 = time.perf_counter()
     run_ = record_run(session.lm.model, ids, session.transcoders, token_strings=strings)
     graph = build_attribution_graph(run_, cfg, pos=args.position, tokens=tokens, minus=minus,
@@ -138,17 +175,45 @@ def run(args: argparse.Namespace) -> int:
     check = check_graph(session.lm.model, run_, graph, args.check, _bar(args, "check")) if args.check else None
     t3 = time.perf_counter()
     logit_strings = [session.token_str(t) for t in graph.logits.tokens]
-    meta = {**meta_of(session), "prompt": args.prompt, "slug": Path(args.out).name,
-            "seconds": {"load": t1 - t0, "graph": t2 - t1, "check": t3 - t2},
-            "check": check.to_dict() if check else None}
-    with atomic_dir(args.out) as tmp:
+    top = top_features(session, graph)
+    meta = {**meta_of(session), "prompt": prompt, "slug": name or Path(args.out).name,
+            "seconds": {"load": load, "graph": t2 - t1, "check": t3 - t2}, "feature_share": graph.feature_share,
+            "top_features": top, "check": check.to_dict() if check else None}
+    with atomic_dir(out) as tmp:
         links = _dashboards(args, session, graph, pruned, tmp)
         data = graph_to_json(graph, pruned, meta, logit_strings=logit_strings)
         write_graph_json(tmp / "graph.json", data)
         write_graph_json(tmp / "neuronpedia.json", neuronpedia_json(graph, pruned, meta, logit_strings=logit_strings))
-        write_attribution_graph_html(data, tmp / "graph.html", f"Attribution graph: {args.prompt[:60]!r}", links)
-    _report(graph, pruned, check, strings, data, t2 - t1, Path(args.out))
-    return 0
+        write_attribution_graph_html(data, tmp / "graph.html", f"Attribution graph: {prompt[:60]!r}", links)
+    _report(graph, pruned, check, strings, data, t2 - t1, out)
+    return {"name": name or out.name, "prompt": prompt, "n_tokens": len(strings), "target": strings[graph.logits.pos],
+            "logits": [{"token": t, "p": float(p)} for t, p in zip(logit_strings, graph.logits.probabilities)][:3],
+            "n_active": graph.n_active, "feature_nodes": graph.blocks.n_features,
+            "kept_nodes": int(pruned.node_mask.sum()), "kept_links": int(pruned.edge_mask.sum()),
+            "replacement_score": data["replacement_score"], "completeness_score": data["completeness_score"],
+            "feature_share": graph.feature_share[0] if graph.feature_share else float("nan"),
+            "seconds": t2 - t1, "check": meta["check"], "top_features": top[:5]}
+
+
+def top_features(session: Any, graph: Any, n: int = 10, k: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` most influential feature nodes with activation, influence and top de-embedding tokens."""
+    import torch
+
+    from mechfaith.circuits.parts import model_parts
+    from mechfaith.circuits.pullback import de_embedding, top_k
+
+    F = graph.blocks.n_features
+    parts = model_parts(session.lm.model)
+    infl = graph.influence()[:F]
+    rows = []
+    for j in torch.argsort(infl, descending=True)[:n].tolist():
+        l, p, i = (int(v) for v in graph.features[j])
+        with torch.no_grad():
+            de = top_k(de_embedding(parts, session.transcoders[l], i), k)
+        rows.append({"node": graph.node_name(j), "influence": float(infl[j]),
+                     "activation": float(graph.activations[j]), "token": session.token_str(graph.tokens[p]),
+                     "de_embedding": [session.token_str(t) for t, _ in de.top]})
+    return rows
 
 
 def _report(graph: Any, pruned: Any, check: Any, strings: list[str], data: dict[str, Any], seconds: float,
