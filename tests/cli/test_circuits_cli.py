@@ -97,7 +97,7 @@ def test_graph_cli(coders, tmp_path, capsys):
     g = read_graph_json(out / "graph.json")
     assert 0.0 <= g["replacement_score"] <= 1.0 and 0.0 <= g["completeness_score"] <= 1.0
     check = g["meta"]["check"]
-    assert len(check["features"]) == 5 and set(check["spearman"]) == {"frozen", "frozen_nonlinear", "live"}
+    assert len(check["features"]) == 5 and set(check["spearman"]) == {"frozen", "frozen_nonlinear", "live_linear", "live"}
     assert check["spearman"]["frozen"] > 0.9  # the graph's own world (40 of the features: nearly exact)
     np_graph = json.loads((out / "neuronpedia.json").read_text())
     assert {"metadata", "qParams", "nodes", "links"} <= set(np_graph)

@@ -14,8 +14,11 @@ check measures the same ablation in
   (TopK re-selects its k, JumpReLU re-gates): what the frozen linearisation leaves out. With TopK
   coders this is dominated by swaps at the k-th place: the k-th and (k+1)-th pre-activations are
   close, so a small change downstream swaps features of activation near the cut-off in and out;
-- **live**: the real model with the transcoders spliced in (errors added back), attention, norms and
-  activations all responding (:func:`~mechfaith.circuits.interventions.run_live`),
+- **live_linear**: the real model with the transcoders spliced in (errors added back), attention and
+  norms responding, each transcoder's active set frozen
+  (:func:`~mechfaith.circuits.interventions.run_live` with ``features="linear"``): what freezing
+  attention and norms leaves out;
+- **live**: the same with activations recomputed too: everything responds,
 
 and reports the Spearman rank correlation and the median relative error ``|predicted - measured| /
 |measured|`` in each.
@@ -48,6 +51,7 @@ class FeatureCheck:
     predicted: float
     frozen: float
     frozen_nonlinear: float
+    live_linear: float
     live: float
 
 
@@ -84,6 +88,8 @@ def check_graph(model: Any, run: ReplacementRun, graph: AttributionGraph, n: int
     worlds: dict[str, Callable[[list[Intervention]], float]] = {
         "frozen": lambda iv: demeaned_logit(run_frozen(run, iv, features="linear").logits, lg.pos, tok, minus),
         "frozen_nonlinear": lambda iv: demeaned_logit(run_frozen(run, iv).logits, lg.pos, tok, minus),
+        "live_linear": lambda iv: demeaned_logit(run_live(model, run, iv, features="linear").logits, lg.pos, tok,
+                                                 minus),
         "live": lambda iv: demeaned_logit(run_live(model, run, iv).logits, lg.pos, tok, minus)}
     base = {w: fn([]) for w, fn in worlds.items()}
     rows = []

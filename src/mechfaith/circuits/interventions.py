@@ -11,7 +11,9 @@ intervention both reproduce the model's own logits exactly.
   predict exactly), or stay at their recorded values (``"fixed"``: only direct effects; removing a
   source then changes a target by exactly its graph edge). MLPs of layers without a transcoder are
   frozen at their recorded outputs.
-- **live** (:func:`run_live`): the real model with forward hooks; attention and norms respond.
+- **live** (:func:`run_live`): the real model with forward hooks; attention and norms respond, and
+  features are recomputed by their coders (or, ``features="linear"``, respond on their recorded
+  active sets, to separate the two nonlinearities).
 
 An intervention (:class:`Intervention`) ablates, scales or sets one feature at one position or at
 every position, after the activation function.
@@ -173,8 +175,12 @@ def run_frozen(run: ReplacementRun, interventions: Sequence[Intervention] = (), 
     return WorldRun(logits, acts, pres)
 
 
-def run_live(model: Any, run: ReplacementRun, interventions: Sequence[Intervention] = ()) -> WorldRun:
-    """The replacement model in the live world (the real model, attention and norms live)."""
+def run_live(model: Any, run: ReplacementRun, interventions: Sequence[Intervention] = (), *,
+             features: str = "nonlinear") -> WorldRun:
+    """The replacement model in the live world (the real model, attention and norms live); features
+    recomputed by their coders (``"nonlinear"``) or on their recorded active sets (``"linear"``)."""
+    if features not in MODES[:2]:
+        raise ConfigError(f"features must be nonlinear or linear in the live world, not {features!r}")
     check_interventions(run, interventions)
     adapter = get_adapter(model)
     acts: dict[int, Tensor] = {}
@@ -190,7 +196,7 @@ def run_live(model: Any, run: ReplacementRun, interventions: Sequence[Interventi
                 coder = rec.tc.coder
                 x = slot.pop("x")[0].to(coder.W_enc.dtype)  # [seq, d_in]
                 pre = coder.encode_pre(x)
-                f, _ = coder.activate(pre)
+                f = pre * (rec.f != 0).to(pre.device) if features == "linear" else coder.activate(pre)[0]
                 for iv in interventions:
                     if iv.layer == l:
                         f = iv.apply(f)

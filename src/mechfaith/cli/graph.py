@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from mechfaith.reports.graph_case_study import case_study_markdown
 
     with atomic_dir(args.out) as tmp:
-        rows = [make_graph(args, cfg, session, prompt, tmp / name, load, name=name)
+        rows = [make_graph(args, cfg, session, prompt, tmp / name, load, name=name, shown=Path(args.out) / name)
                 for name, prompt in CASE_STUDY.items()]
         write_json(tmp / "case_study.json", rows)
         write_text_atomic(tmp / "case_study.md", case_study_markdown(rows))
@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make_graph(args: argparse.Namespace, cfg: Any, session: Any, prompt: str, out: Path, load: float,
-               name: str | None = None) -> dict[str, Any]:
-    """One prompt's graph, check, dashboards and files in ``out``; its summary row."""
+               name: str | None = None, shown: Path | None = None) -> dict[str, Any]:
+    """One prompt's graph, check, dashboards and files in ``out`` (printed as ``shown``); its summary row."""
     from mechfaith.atomic import atomic_dir
     from mechfaith.circuits.attribution_graph import build_attribution_graph
     from mechfaith.circuits.graph_check import check_graph
@@ -185,7 +185,7 @@ def make_graph(args: argparse.Namespace, cfg: Any, session: Any, prompt: str, ou
         write_graph_json(tmp / "graph.json", data)
         write_graph_json(tmp / "neuronpedia.json", neuronpedia_json(graph, pruned, meta, logit_strings=logit_strings))
         write_attribution_graph_html(data, tmp / "graph.html", f"Attribution graph: {prompt[:60]!r}", links)
-    _report(graph, pruned, check, strings, data, t2 - t1, out)
+    _report(graph, pruned, check, strings, logit_strings, data, t2 - t1, shown or out)
     return {"name": name or out.name, "prompt": prompt, "n_tokens": len(strings), "target": strings[graph.logits.pos],
             "logits": [{"token": t, "p": float(p)} for t, p in zip(logit_strings, graph.logits.probabilities)][:3],
             "n_active": graph.n_active, "feature_nodes": graph.blocks.n_features,
@@ -216,10 +216,10 @@ def top_features(session: Any, graph: Any, n: int = 10, k: int = 5) -> list[dict
     return rows
 
 
-def _report(graph: Any, pruned: Any, check: Any, strings: list[str], data: dict[str, Any], seconds: float,
-            out: Path) -> None:
+def _report(graph: Any, pruned: Any, check: Any, strings: list[str], logit_strings: list[str],
+            data: dict[str, Any], seconds: float, out: Path) -> None:
     lg = graph.logits
-    top = ", ".join(f"{lg.label(k)} p={float(lg.probabilities[k]):.3f}" for k in range(min(3, len(lg.tokens))))
+    top = ", ".join(f"{logit_strings[k]!r} p={float(lg.probabilities[k]):.3f}" for k in range(min(3, len(lg.tokens))))
     print(f"{len(strings)} tokens, {graph.n_active} active features, {graph.blocks.n_features} feature nodes "
           f"({seconds:.1f} s); target {strings[lg.pos]!r} -> {top}")
     print(f"replacement score {data['replacement_score']:.3f}, completeness score {data['completeness_score']:.3f}; "

@@ -13,13 +13,13 @@ def case_study_markdown(rows: list[dict[str, Any]]) -> str:
     """One table of scores and checks over the prompts, then each prompt's top features."""
     out = ["# Attribution-graph case study", "",
            "| prompt | tokens | top logits | active features | feature nodes | kept nodes / links | graph s "
-           "| replacement | completeness | feature share | Spearman frozen / frozen nonlinear / live "
-           "| median rel. error frozen / frozen nonlinear / live |",
+           "| replacement | completeness | feature share | Spearman frozen / frozen nonlinear / live linear / live "
+           "| median rel. error (same worlds) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r.get("check") or {}
         sp, me = c.get("spearman", {}), c.get("median_rel_error", {})
-        worlds = ("frozen", "frozen_nonlinear", "live")
+        worlds = ("frozen", "frozen_nonlinear", "live_linear", "live")
         logits = ", ".join(f"{x['token']!r} {x['p']:.2f}" for x in r["logits"])
         out.append(f"| {r['name']} | {r['n_tokens']} | {logits} | {r['n_active']} | {r['feature_nodes']} "
                    f"| {r['kept_nodes']} / {r['kept_links']} | {r['seconds']:.1f} | {_f(r['replacement_score'])} "
