@@ -115,6 +115,9 @@ def test_graph_cli(coders, tmp_path, capsys):
     with pytest.raises(ConfigError, match="minus"):
         a = _parse(graph_cli, [*argv, "--minus", "3"])
         a.func(a)
+    with pytest.raises(ConfigError, match="dashboards"):
+        a = _parse(graph_cli, [*argv, "--dashboards", "x"])
+        a.func(a)
 
 
 def test_intervene_cli(coders, tmp_path, capsys):
@@ -123,6 +126,9 @@ def test_intervene_cli(coders, tmp_path, capsys):
     out = tmp_path / "iv.json"
     args = _parse(intervene_cli, ["intervene", "--coders", *coders, "--prompt", "hello there, world",
                                   "--feature", "0:3", "1:5@2*3", "--out", str(out)])
+    lin = _parse(intervene_cli, ["intervene", "--coders", *coders, "--prompt", "hi there", "--feature", "0:3",
+                                 "--linear", "--world", "frozen"])
+    assert lin.func(lin) == 0
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "[frozen]" in text and "[live]" in text

@@ -11,7 +11,14 @@ Modules (import them directly):
 - ``attribution``: :class:`Attributor`: probes (affine functions of the residual stream) and the exact
   attribution of every child (embeddings, heads through frozen-pattern OV, features, errors, skip,
   bias), batched, without positions x positions x d_model tensors.
-- ``search``: greedy beam path search; ``graph``: merge into a graph with error nodes, JSON.
+- ``graph_rows``, ``attribution_graph``: attribution graphs (every active feature, error node, token
+  and top logit; direct effects by one backward sweep per batch of targets; features chosen by
+  influence under a budget); ``graph_scores``: influence, pruning, replacement and completeness
+  scores, total effects (circuit-tracer's definitions, on the rectangular edge matrix);
+  ``graph_json``: own and Neuronpedia JSON; ``interventions``: ablate/scale/set features in the
+  frozen or the live world; ``graph_check``: the graph's predictions against ablations.
+- ``search``: greedy beam path search (the transcoder paper's lighter mode); ``graph``: merge into a
+  graph with error nodes, JSON.
 - ``pullback``: input-independent pullbacks, de-embeddings (also through one head's OV), logit
   effects, top-k tables.
 - ``dashboard_data``: the numbers behind feature dashboards; ``session``: loading model, transcoders

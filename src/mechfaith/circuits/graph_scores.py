@@ -75,7 +75,7 @@ class Blocks:
 def normalize_rows(edges: Tensor) -> Tensor:
     """``|edges|`` with every row scaled to sum to 1 (zero rows stay zero)."""
     a = edges.abs()
-    return a / a.sum(-1, keepdim=True).clamp_min(1e-30)
+    return a.div_(a.sum(-1, keepdim=True).clamp_min(1e-30))  # in place: one copy of a large matrix, not two
 
 
 def propagate(normalized: Tensor, row_nodes: Tensor, start: Tensor, n_nodes: int) -> Tensor:

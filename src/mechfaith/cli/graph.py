@@ -30,8 +30,7 @@ from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
 GRAPH_FILES = ("graph.json", "neuronpedia.json", "graph.html", "dashboards")
 CASE_STUDY = {  # name -> prompt (the README's case study)
     "factual": "The Eiffel Tower is located in the city of",
-    "shakespeare": "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
-                   "The slings and arrows of outrageous",
+    "shakespeare": "Friends, Romans, countrymen, lend me your",
     "induction": "Mr. Dursley was the director of a firm called Grunnings, which made drills. Mr. Dursley "
                  "was the director of a firm called",
 }
@@ -55,8 +54,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--minus", default=None, help="with one --target: the logit difference target - minus")
     add_dataclass_args(p, GraphConfig)
     p.add_argument("--check", type=int, default=20, help="features ablated in the intervention check (0: none)")
-    p.add_argument("--dashboards", type=int, default=16,
-                   help="dashboards written for this many most influential features of the pruned graph")
+    p.add_argument("--dashboards", default="all", metavar="all|N",
+                   help="dashboards of every feature of the pruned graph (all), of its N most influential, or none (0)")
     p.add_argument("--dashboard-contexts", type=int, default=32, help="held-out contexts the dashboards scan")
     p.add_argument("--corpus-source", default="shakespeare", help="corpus of the dashboards' contexts")
     p.add_argument("--device", default="cpu")
@@ -69,9 +68,10 @@ def _check_args(args: argparse.Namespace) -> None:
     from mechfaith.atomic import check_replaceable
     from mechfaith.errors import ConfigError
 
-    for name in ("check", "dashboards"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0")
+    if args.check < 0:
+        raise ConfigError("--check must be >= 0")
+    if args.dashboards != "all" and not (args.dashboards.isdigit()):
+        raise ConfigError(f"--dashboards takes 'all' or a count >= 0, not {args.dashboards!r}")
     if args.dashboard_contexts < 1:
         raise ConfigError("--dashboard-contexts must be >= 1")
     if args.minus is not None and (not args.target or len(args.target) != 1):
@@ -105,10 +105,11 @@ def _dashboards(args: argparse.Namespace, session: Any, graph: Any, pruned: Any,
     from mechfaith.reports.dashboard import page_name, write_dashboards
 
     F = graph.blocks.n_features
-    if args.dashboards == 0 or F == 0:
+    n = F if args.dashboards == "all" else int(args.dashboards)
+    if n == 0 or F == 0:
         return {}
     infl = graph.influence()[:F] * pruned.node_mask[:F]
-    top = [int(j) for j in torch.argsort(infl, descending=True)[:args.dashboards] if infl[j] > 0]
+    top = [int(j) for j in torch.argsort(infl, descending=True)[:n] if infl[j] > 0]
     feats = sorted({(int(graph.features[j, 0]), int(graph.features[j, 2])) for j in top})
     contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source), args.dashboard_contexts)
     ds = feature_dashboards(session.lm.model, session.transcoders, contexts, feats, session.token_str)

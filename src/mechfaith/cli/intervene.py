@@ -5,8 +5,9 @@ Each --feature is ``LAYER:INDEX[@POS]`` (ablate; no ``@POS``: at every position)
 in the replacement model (every layer of --coders replaced by its transcoder, errors added back, so
 that without interventions it reproduces the model) in the frozen world (attention patterns and
 norm scales frozen: the attribution graph's world), the live world (the real model), or both.
-Prints, per world, the top predictions before and after at --position, the tokens whose logits
-changed most, and the features whose activations changed most; --out saves it all as JSON.
+With --linear, features respond on their recorded active sets (the graph's linearisation). Prints,
+per world, the top predictions before and after at --position, the tokens whose logits changed
+most, and the features whose activations changed most; --out saves it all as JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def add_parser(subparsers: Any) -> None:
                    help="LAYER:INDEX[@POS] (ablate), LAYER:INDEX[@POS]*FACTOR (scale), LAYER:INDEX[@POS]=VALUE (set)")
     p.add_argument("--world", choices=("frozen", "live", "both"), default="both",
                    help="frozen attention and norms (the graph's world), the live model, or both")
+    p.add_argument("--linear", action="store_true",
+                   help="features respond on their recorded active sets (the graph's linearisation) instead of "
+                        "being recomputed by their activation (TopK re-selecting its k)")
     p.add_argument("--position", type=int, default=-1, help="position whose logits are shown (negative: from the end)")
     p.add_argument("--top", type=int, default=10, help="rows of each table")
     p.add_argument("--device", default="cpu")
@@ -84,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
                            "tokens": [session.token_str(int(t)) for t in ids]}
     worlds = ("frozen", "live") if args.world == "both" else (args.world,)
     for world in worlds:
+        mode = "linear" if args.linear else "nonlinear"
         if world == "frozen":
-            before, after = run_frozen(run_), run_frozen(run_, ivs)
+            before, after = run_frozen(run_, features=mode), run_frozen(run_, ivs, features=mode)
         else:
-            before, after = run_live(session.lm.model, run_), run_live(session.lm.model, run_, ivs)
+            model = session.lm.model
+            before, after = run_live(model, run_, features=mode), run_live(model, run_, ivs, features=mode)
         out[world] = _changes(before, after, run_, pos, args.top, session.token_str)
         _print(world, out[world])
     if args.out:
