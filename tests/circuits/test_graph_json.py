@@ -23,11 +23,11 @@ from mechfaith.circuits.graph_json import (
     graph_to_json,
     neuronpedia_json,
     read_graph_json,
-    write_graph_json,
 )
 from mechfaith.circuits.graph_scores import Pruned
 from mechfaith.circuits.replacement import record_run
 from mechfaith.errors import CoderFileError, ConfigError
+from mechfaith.jsonio import write_json
 from tests.circuits.test_circuits_attribution import make_setup
 
 D = torch.float64
@@ -161,7 +161,7 @@ def real_graph():
 def test_own_format_round_trip_and_consistency(real_graph, tmp_path):
     g, p = real_graph
     out = graph_to_json(g, p, {"prompt": "random"})
-    write_graph_json(tmp_path / "g.json", out)
+    write_json(tmp_path / "g.json", out)
     back = read_graph_json(tmp_path / "g.json")
     assert back == json.loads(json.dumps(out))
     scores = g.scores()
@@ -192,7 +192,7 @@ def test_reading_checks_format_and_version(tmp_path):
     for change, problem in (({"format": "mechfaith.circuit_graph"}, "not a mechfaith.attribution_graph"),
                             ({"format_version": 2}, "version 2 is not supported"),
                             ({"links": None}, "lists 'nodes' and 'links'")):
-        write_graph_json(tmp_path / "bad.json", {**out, **change})
+        write_json(tmp_path / "bad.json", {**out, **change})
         with pytest.raises(CoderFileError, match=problem):
             read_graph_json(tmp_path / "bad.json")
     with pytest.raises(CoderFileError, match="file not found"):

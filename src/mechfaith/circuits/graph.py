@@ -125,11 +125,17 @@ def write_graph(path: str | os.PathLike[str], graph: dict[str, Any]) -> None:
 
 def read_graph(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check a graph JSON."""
+    return read_versioned_json(path, FORMAT, FORMAT_VERSION, "graph")
+
+
+def read_versioned_json(path: str | os.PathLike[str], fmt: str, version: int, what: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` is ``fmt`` and ``format_version`` is ``version`` (else a
+    CoderFileError naming the file)."""
     data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CoderFileError(path, f"not a {FORMAT} file")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CoderFileError(path, f"graph format version {data.get('format_version')} is not supported")
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise CoderFileError(path, f"not a {fmt} file")
+    if data.get("format_version") != version:
+        raise CoderFileError(path, f"{what} format version {data.get('format_version')} is not supported")
     return data
 
 

@@ -6,7 +6,7 @@ kept (:class:`~mechfaith.circuits.graph_scores.Pruned`) and list the kept nodes 
 features, errors, tokens, logits) and the kept edges (row-major over ``edges [F + K, F + E + T]``:
 targets in node order, then sources in node order).
 
-**Own format** (:func:`graph_to_json`, :func:`write_graph_json`, :func:`read_graph_json`):
+**Own format** (:func:`graph_to_json`, written with ``mechfaith.jsonio.write_json``; :func:`read_graph_json`):
 ``{"format": "mechfaith.attribution_graph", "format_version": 1, ...}`` with both scores, the
 prompt, the logit targets, the :class:`~mechfaith.circuits.attribution_graph.GraphConfig`, counts,
 ``nodes`` (``id``: the node's name from :meth:`AttributionGraph.node_name`, ``kind``, ``layer``:
@@ -73,10 +73,10 @@ import torch
 from torch import Tensor
 
 from mechfaith.circuits.attribution_graph import AttributionGraph
+from mechfaith.circuits.graph import read_versioned_json
 from mechfaith.circuits.graph_scores import Pruned
-from mechfaith.coders.files import read_json
 from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.jsonio import json_safe, write_json
+from mechfaith.jsonio import json_safe
 
 FORMAT = "mechfaith.attribution_graph"
 FORMAT_VERSION = 1
@@ -198,18 +198,9 @@ def graph_to_json(graph: AttributionGraph, pruned: Pruned, meta: dict[str, Any] 
     return json_safe(out)
 
 
-def write_graph_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Write a graph JSON (either format) atomically."""
-    write_json(path, data)
-
-
 def read_graph_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check an attribution graph in the own format."""
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CoderFileError(path, f"not a {FORMAT} file")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CoderFileError(path, f"attribution graph format version {data.get('format_version')} is not supported")
+    data = read_versioned_json(path, FORMAT, FORMAT_VERSION, "attribution graph")
     if not isinstance(data.get("nodes"), list) or not isinstance(data.get("links"), list):
         raise CoderFileError(path, "an attribution graph needs lists 'nodes' and 'links'")
     return data

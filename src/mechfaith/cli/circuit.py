@@ -19,14 +19,19 @@ import time
 from pathlib import Path
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("circuit", help="paths and graph of one feature or logit on a prompt",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_coder_args(p: argparse.ArgumentParser) -> None:
+    """``--coders`` and ``--model``, as every command on transcoders and a model takes them."""
     p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
                    help="transcoder folders (mechfaith, SAELens or GPT-2 .pt); LAYER= when the file "
                         "does not say its layer; a set folder (set.json, from lm train --layers) gives "
                         "every layer's transcoder of the set")
     p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("circuit", help="paths and graph of one feature or logit on a prompt",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_coder_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
     root = p.add_mutually_exclusive_group(required=True)
     root.add_argument("--feature", help="root feature: mlp8tc[355]@37 or LAYER:INDEX (with --position)")

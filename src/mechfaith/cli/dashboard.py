@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mechfaith.cli.circuit import add_coder_args
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("dashboard", help="HTML dashboards of transcoder features",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
-                   help="transcoder folders, or a set folder (set.json, from lm train --layers) for all its layers")
-    p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+    add_coder_args(p)
     p.add_argument("--features", required=True, help="LAYER:INDEX,... or LAYER:topN (densest N)")
     p.add_argument("--corpus-source", default="shakespeare", help="corpus (see mechfaith lm)")
     p.add_argument("--context-length", type=int, default=64, help="tokens per context")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechfaith.cli.circuit import add_coder_args
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
 
 GRAPH_FILES = ("graph.json", "neuronpedia.json", "graph.html", "dashboards")
@@ -41,9 +42,7 @@ def add_parser(subparsers: Any) -> None:
 
     p = subparsers.add_parser("graph", help="attribution graph of a prompt (features, errors, tokens, logits)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
-                   help="a set folder (set.json, from lm train --layers) or transcoder folders")
-    p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+    add_coder_args(p)
     p.add_argument("--prompt", default=None, help="the prompt text (BOS is prepended)")
     p.add_argument("--case-study", action="store_true",
                    help="instead of --prompt: the built-in prompts (factual, Shakespeare, induction), one "
@@ -158,9 +157,10 @@ def make_graph(args: argparse.Namespace, cfg: Any, session: Any, prompt: str, ou
     from mechfaith.atomic import atomic_dir
     from mechfaith.circuits.attribution_graph import build_attribution_graph
     from mechfaith.circuits.graph_check import check_graph
-    from mechfaith.circuits.graph_json import graph_to_json, neuronpedia_json, write_graph_json
+    from mechfaith.circuits.graph_json import graph_to_json, neuronpedia_json
     from mechfaith.circuits.replacement import record_run
     from mechfaith.circuits.session import meta_of
+    from mechfaith.jsonio import write_json
     from mechfaith.reports.attribution_graph_page import write_attribution_graph_html
 
     ids = session.tokenize(prompt)
@@ -183,8 +183,8 @@ def make_graph(args: argparse.Namespace, cfg: Any, session: Any, prompt: str, ou
     with atomic_dir(out) as tmp:
         links = _dashboards(args, session, graph, pruned, tmp)
         data = graph_to_json(graph, pruned, meta, logit_strings=logit_strings)
-        write_graph_json(tmp / "graph.json", data)
-        write_graph_json(tmp / "neuronpedia.json", neuronpedia_json(graph, pruned, meta, logit_strings=logit_strings))
+        write_json(tmp / "graph.json", data)
+        write_json(tmp / "neuronpedia.json", neuronpedia_json(graph, pruned, meta, logit_strings=logit_strings))
         write_attribution_graph_html(data, tmp / "graph.html", f"Attribution graph: {prompt[:60]!r}", links)
     _report(graph, pruned, check, strings, logit_strings, data, t2 - t1, shown or out)
     return {"name": name or out.name, "prompt": prompt, "n_tokens": len(strings), "target": strings[graph.logits.pos],

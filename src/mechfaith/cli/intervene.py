@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mechfaith.cli.circuit import add_coder_args
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("intervene", help="run a prompt with features ablated, scaled or set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
-                   help="a set folder (set.json, from lm train --layers) or transcoder folders")
-    p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
+    add_coder_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
     p.add_argument("--feature", nargs="+", required=True, metavar="SPEC",
                    help="LAYER:INDEX[@POS] (ablate), LAYER:INDEX[@POS]*FACTOR (scale), LAYER:INDEX[@POS]=VALUE (set)")
