@@ -166,3 +166,11 @@ def test_check_graph_is_exact_in_the_frozen_world_with_every_feature(setup):
     infl = [f.influence for f in check.features]
     assert infl == sorted(infl, reverse=True)
     assert all(-1.0 <= check.spearman[w] <= 1.0 for w in ("frozen_nonlinear", "live_linear", "live"))
+
+
+def test_memory_guard_refuses_before_any_work(setup):
+    lm, run, g = setup
+    with pytest.raises(ConfigError, match="max_memory_gb"):
+        build_attribution_graph(run, GraphConfig(max_feature_nodes=0, max_memory_gb=1e-4))
+    with pytest.raises(ConfigError):
+        GraphConfig(max_memory_gb=0)

@@ -61,11 +61,15 @@ class GraphConfig:
     update_interval: int = doc("Batches between re-rankings of the features by influence.", 4)
     node_threshold: float = doc("Pruning keeps the nodes carrying this share of the influence.", 0.8)
     edge_threshold: float = doc("Pruning keeps the edges carrying this share of the influence.", 0.98)
+    max_memory_gb: float = doc("Refuse a graph whose rows would take more memory than this (estimated: three "
+                               "copies of the rows computed, for the influence ranking).", 16.0)
 
     def __post_init__(self) -> None:
         if self.max_feature_nodes < 0 or self.max_logits < 1 or self.batch_size < 1 or self.update_interval < 1:
             raise ConfigError("GraphConfig: max_feature_nodes >= 0, max_logits, batch_size and "
                               "update_interval >= 1")
+        if not self.max_memory_gb > 0:
+            raise ConfigError(f"GraphConfig: max_memory_gb must be > 0, got {self.max_memory_gb}")
         for name in ("logit_mass", "node_threshold", "edge_threshold"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
@@ -215,6 +219,11 @@ def build_attribution_graph(run: ReplacementRun, cfg: GraphConfig | None = None,
     logits = choose_logits(run, cfg, p, tokens, minus)
     K = len(logits.tokens)
     budget = A if cfg.max_feature_nodes == 0 else min(cfg.max_feature_nodes, A)
+    need = 3 * (K + budget) * S * run.resid.element_size() / 1e9
+    if need > cfg.max_memory_gb:
+        raise ConfigError(f"a graph of {budget} feature nodes over {S} sources ({A} active features) needs about "
+                          f"{need:.1f} GB (max_memory_gb {cfg.max_memory_gb:g}): lower max_feature_nodes "
+                          f"(0 means all {A}) or raise max_memory_gb")
     attributor = Attributor(run)
     store = torch.zeros(K + budget, S, dtype=run.resid.dtype)
     row_node = torch.zeros(K + budget, dtype=torch.long)
