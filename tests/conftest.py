@@ -5,7 +5,9 @@
 - Fixture ``browser``: a headless-Chromium :class:`browser.BrowserSession` for one test; the test is
   skipped when Chromium is not installed, and FAILS instead when the environment variable CI is set.
 - Fixtures ``tiny_set`` (a coder set trained once per session on ``random-gpt2``; read only) and
-  ``set_copy`` (a copy of it that a test may change).
+  ``set_copy`` (a copy of it that a test may change); ``exportable_set`` (read only) and
+  ``exportable_copy``: the same set with ReLU skip transcoders (same weights), which SAELens can
+  hold (it has no TopK transcoder).
 """
 
 from __future__ import annotations
@@ -57,3 +59,33 @@ def set_copy(tiny_set, tmp_path):
     import shutil
 
     return shutil.copytree(tiny_set, tmp_path / "set", ignore=shutil.ignore_patterns("activations", "checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def exportable_set(tiny_set, tmp_path_factory):
+    """:func:`tiny_set` with every layer's TopK skip transcoder rewritten as a ReLU skip transcoder
+    with the same weights: a set SAELens can hold. Read only."""
+    import dataclasses
+    import json
+    import shutil
+
+    from mechfaith.coders.coder import SparseCoder
+    from mechfaith.coders.files import load_coder, save_coder
+
+    root = shutil.copytree(tiny_set, tmp_path_factory.mktemp("exportable") / "set",
+                           ignore=shutil.ignore_patterns("activations", "checkpoint"))
+    for folder in sorted(root.glob("layers/L*/coder")):
+        topk = load_coder(folder)
+        coder = SparseCoder(dataclasses.replace(topk.cfg, activation="relu"))
+        coder.load_state_dict(topk.state_dict())
+        training = json.loads((folder / "config.json").read_text())["training"]
+        save_coder(coder, folder, training=training)
+    return root
+
+
+@pytest.fixture()
+def exportable_copy(exportable_set, tmp_path):
+    """A copy of :func:`exportable_set` in ``tmp_path / "set"`` that the test may change."""
+    import shutil
+
+    return shutil.copytree(exportable_set, tmp_path / "set")

@@ -50,7 +50,8 @@ def test_dashboard_of_a_set_is_the_dashboard_of_its_coders(tiny_set, tmp_path):
     assert len(a) >= 4 and "index.html" in a and a == b
 
 
-def test_export_a_set(tiny_set, tmp_path, capsys):
+def test_export_a_set(exportable_set, tmp_path, capsys):
+    tiny_set = exportable_set  # ReLU skip transcoders: SAELens has no TopK transcoder
     out = tmp_path / "sl"
     assert main(["lm", "export", str(tiny_set), "--out", str(out)]) == 0
     assert "wrote 2 SAELens folders" in capsys.readouterr().out

@@ -20,10 +20,10 @@ def _argv(command, src, out):
 
 
 @pytest.fixture()
-def source(tiny_set, tmp_path):
+def source(exportable_set, tmp_path):
     def make(command):
         if command != "collect":
-            return tiny_set / "layers" / "L0" / "coder"
+            return exportable_set / "layers" / "L0" / "coder"  # one SAELens can hold
         texts = tmp_path / "texts"
         texts.mkdir(exist_ok=True)
         (texts / "a.txt").write_text("the king and the queen " * 300)

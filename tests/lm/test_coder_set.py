@@ -61,7 +61,8 @@ def test_one_layer_of_a_set(tiny_set):
         set_layer_coder(tiny_set, 5)
 
 
-def test_export_writes_every_layer_that_reads_back(tiny_set, tmp_path):
+def test_export_writes_every_layer_that_reads_back(exportable_set, tmp_path):
+    tiny_set = exportable_set
     out = tmp_path / "sl"
     assert export_set_saelens(tiny_set, out) == {0: out / "L0", 1: out / "L1"}
     assert sorted(p.name for p in out.iterdir()) == ["L0", "L1"]  # no temporary folder left
@@ -80,7 +81,15 @@ def test_export_writes_every_layer_that_reads_back(tiny_set, tmp_path):
     assert (tmp_path / "empty" / "L1" / "cfg.json").is_file()
 
 
-def test_export_is_all_or_nothing(set_copy, tmp_path, monkeypatch):
+def test_a_set_saelens_cannot_hold_is_refused_before_writing(tiny_set, tmp_path):
+    before = files_under(tmp_path)
+    with pytest.raises(ConfigError, match="layer 0: SAELens has no TopK transcoder"):
+        export_set_saelens(tiny_set, tmp_path / "sl")  # TopK skip transcoders
+    assert files_under(tmp_path) == before
+
+
+def test_export_is_all_or_nothing(exportable_copy, tmp_path, monkeypatch):
+    set_copy = exportable_copy
     before = files_under(tmp_path)
     real = coder_set.export_saelens
 

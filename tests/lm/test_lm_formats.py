@@ -36,10 +36,11 @@ def random_coder(seed=0, **kw):
 @pytest.mark.parametrize("kw", [
     {},
     {"kind": "sae", "d_out": 12, "activation": "topk", "k": 4},
-    {"activation": "topk", "k": 3},
     {"activation": "jumprelu", "jumprelu_threshold": 0.05},
     {"skip": True},
+    {"skip": True, "activation": "jumprelu", "jumprelu_threshold": 0.05},
     {"kind": "sae", "d_out": 12, "activation": "jumprelu"},
+    {"kind": "sae", "d_out": 12, "skip": True},
 ])
 def test_saelens_round_trip(tmp_path, kw):
     coder = random_coder(**kw).eval()
@@ -54,7 +55,27 @@ def test_saelens_round_trip(tmp_path, kw):
     torch.testing.assert_close(imp.coder(x), coder(x), atol=1e-6, rtol=1e-6)
     if kw.get("skip"):
         with __import__("safetensors").safe_open(str(folder / "sae_weights.safetensors"), "pt") as fh:
-            assert fh.get_tensor("W_skip").shape == (10, 12)  # SAELens orientation [d_out, d_in]
+            d_out = 12 if kw.get("kind") == "sae" else 10
+            assert fh.get_tensor("W_skip").shape == (d_out, 12)  # SAELens orientation [d_out, d_in]
+
+
+@pytest.mark.parametrize("kw", [{"activation": "topk", "k": 3}, {"activation": "topk", "k": 3, "skip": True},
+                                {"kind": "sae", "d_out": 12, "activation": "topk", "k": 3, "skip": True}])
+def test_topk_transcoders_are_refused_before_writing(tmp_path, kw):
+    with pytest.raises(ConfigError, match="SAELens has no TopK"):
+        export_saelens(random_coder(**kw), tmp_path / "tc")
+    assert not (tmp_path / "tc").exists()
+
+
+def test_lm_export_of_a_topk_transcoder_is_exit_2_and_nothing_written(tmp_path, capsys):
+    from mechfaith.cli.main import main
+    from mechfaith.coders.files import save_coder
+
+    save_coder(random_coder(activation="topk", k=3, skip=True), tmp_path / "coder")
+    assert main(["lm", "export", str(tmp_path / "coder"), "--out", str(tmp_path / "sl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SAELens has no TopK transcoder" in err[0], err
+    assert not (tmp_path / "sl").exists()
 
 
 def test_batchtopk_exports_as_jumprelu_with_its_threshold(tmp_path):

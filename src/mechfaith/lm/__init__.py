@@ -22,7 +22,9 @@ Modules (import them directly; none imports transformers at import time except t
 - ``splice`` / ``coder_stats`` / ``fidelity``: replace MLP outputs by coders (always restored);
   FVE / L0 / dead and dense latents; CE / KL / loss recovered of one or many splices sharing the
   clean and ablated runs (``evaluate_many``, ``evaluate_fidelity``).
-- ``saelens``: SAELens export/import and ``ImportedCoder`` (a coder with its layer and sites).
+- ``saelens`` (``saelens_format``, ``saelens_read``, ``saelens_write``): SAELens folders both ways,
+  every architecture SAELens has that a mechfaith coder can compute, flags honoured or refused;
+  ``ImportedCoder`` (a coder with its layer and sites).
 - ``safe_unpickle``: ``safe_torch_load``, a restricted unpickler for ``torch.save`` files.
 - ``gpt2_transcoders``: the released GPT-2 transcoders (read with ``safe_torch_load``).
 - ``coder_files``: ``open_coder`` (any of those formats, with its model, layer and sites).

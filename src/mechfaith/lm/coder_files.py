@@ -44,8 +44,7 @@ def open_coder(path: str | Path) -> CoderRef:
         path = path / CODER_DIR
     if path.is_dir() and (path / "cfg.json").is_file() and not (path / "config.json").is_file():
         imp = import_saelens(path)
-        model = imp.source.get("metadata", {}).get("model_name") if isinstance(imp.source, dict) else None
-        return CoderRef(imp.coder, model or None, imp.layer, imp.input_site, imp.output_site, None, path)
+        return CoderRef(imp.coder, imp.model_name, imp.layer, imp.input_site, imp.output_site, None, path)
     if path.is_file() and path.suffix == ".pt":
         imp = import_gpt2_transcoder(path)
         return CoderRef(imp.coder, None, imp.layer, imp.input_site, imp.output_site, None, path)

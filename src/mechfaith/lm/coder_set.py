@@ -22,7 +22,7 @@ from mechfaith.coders.files import CONFIG_NAME, read_json
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.coder_files import open_coder
 from mechfaith.lm.layer_set import SET_JSON, SetResult, layers_text
-from mechfaith.lm.saelens import export_saelens
+from mechfaith.lm.saelens import check_saelens_exportable, export_saelens
 
 
 def is_coder_set(path: str | Path) -> bool:
@@ -83,6 +83,11 @@ def export_set_saelens(folder: str | Path, out: str | Path) -> dict[int, Path]:
     check_replaceable(out, (), "coder set export")
     manifest = read_set(folder)
     refs = {l: open_coder(p) for l, p in set_coder_folders(folder, manifest).items()}
+    for l, ref in refs.items():
+        try:
+            check_saelens_exportable(ref.coder)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {l}: {exc}") from None
     with atomic_dir(out) as tmp:
         for l, ref in refs.items():
             export_saelens(ref.coder, tmp / f"L{l}", layer=l, input_site=ref.input_site or manifest.input_site,
