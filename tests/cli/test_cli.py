@@ -58,7 +58,7 @@ def test_unknown_option_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
         main(["inspect", "x", "--no-such-option"])
     assert exc.value.code == 2
     err = capsys.readouterr().err  # one line, no usage block (issue 15)
-    assert err == "mechfaith: error: unrecognized arguments: --no-such-option\n"
+    assert err == "mechfaith: error: inspect: unrecognized arguments: --no-such-option\n"
 
 
 def test_verbose_and_quiet_are_accepted_before_and_after_the_command(tmp_path: Path) -> None:
