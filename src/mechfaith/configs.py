@@ -3,12 +3,14 @@
 Use :func:`doc` to declare a field, :func:`config_to_dict` / :func:`config_from_dict` to move a
 config to and from JSON-safe data with type and choice checks (no pickle anywhere);
 :func:`coerce_value` checks one field's value and :func:`base_type` strips ``Optional`` from a
-field's type (both shared with the CLI).
+field's type (both shared with the CLI); :func:`check_finite` refuses NaN and infinities (every
+config's ``__post_init__`` calls it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Sequence, TypeVar
@@ -19,11 +21,15 @@ T = TypeVar("T")
 
 
 def doc(help: str, default: Any = dataclasses.MISSING, *, choices: Sequence[Any] | None = None,
-        default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its documentation (and, optionally, the allowed values)."""
+        default_factory: Any = dataclasses.MISSING, kind: str | None = None) -> Any:
+    """A dataclass field with its documentation (and, optionally, the allowed values). ``kind``:
+    what the value names beyond its type, for the checks of the command line (``"device"``: a
+    torch device, checked to exist on this machine when a command starts)."""
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if kind is not None:
+        meta["kind"] = kind
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -35,6 +41,17 @@ def field_help(cls: type, name: str) -> str:
         if f.name == name:
             return str(f.metadata.get("help", ""))
     raise KeyError(name)
+
+
+def check_finite(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming the field when a float of dataclass ``cfg`` (or a float in
+    one of its list fields) is NaN or infinite: rates, scales, thresholds and coefficients must be
+    numbers (an infinite learning rate only "diverges" later)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{type(cfg).__name__}.{f.name} must be a finite number, got {value!r}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -57,8 +57,8 @@ def test_unknown_option_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as exc:
         main(["inspect", "x", "--no-such-option"])
     assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: mechfaith") and "unrecognized arguments: --no-such-option" in err
+    err = capsys.readouterr().err  # one line, no usage block (issue 15)
+    assert err == "mechfaith: error: inspect: unrecognized arguments: --no-such-option\n"
 
 
 def test_verbose_and_quiet_are_accepted_before_and_after_the_command(tmp_path: Path) -> None:
@@ -247,6 +247,7 @@ def test_errors_are_one_line_on_stderr_never_a_traceback(tmp_path: Path) -> None
         "corrupt": (["inspect", str(folder)], 2, "checksum mismatch"),
         "foreign": (["inspect", str(foreign)], 2, "SAELens"),
         "bad value": (["train", "--out", str(out), "--k", "many"], 2, "'many' is not a valid int"),
+        "bad choice": (["lm", "train", "--sae-site", "x"], 2, "lm train: argument --sae-site: invalid choice: 'x'"),
         "bad config": (["train", "--config", str(tmp_path / "bad.toml"), "--out", str(out)], 2,
                        "not a valid TOML file"),
         "diverged": (["train", "--out", str(out), "--lr", "1e30", "--n-steps", "20", "--d-in", "4",

@@ -44,7 +44,7 @@ from mechfaith.circuits.graph_scores import (
     prune,
 )
 from mechfaith.circuits.replacement import ReplacementRun
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError
 
 Progress = Callable[[int, int], None]  # (feature rows done, feature rows planned)
@@ -65,6 +65,7 @@ class GraphConfig:
                                "copies of the rows computed, for the influence ranking).", 16.0)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.max_feature_nodes < 0 or self.max_logits < 1 or self.batch_size < 1 or self.update_interval < 1:
             raise ConfigError("GraphConfig: max_feature_nodes >= 0, max_logits, batch_size and "
                               "update_interval >= 1")

@@ -19,7 +19,7 @@ import torch
 
 from mechfaith.circuits.attribution import Attributor, Probe
 from mechfaith.circuits.nodes import Node
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError
 
 
@@ -33,6 +33,7 @@ class SearchConfig:
     min_abs: float = doc("Ignore children with |attribution| below this.", 0.0)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.depth < 1 or self.beam < 1 or self.per_node < 0 or self.min_abs < 0:
             raise ConfigError("SearchConfig: depth and beam must be >= 1, per_node and min_abs >= 0")
 

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from mechfaith.cli.arg_types import device, nonneg_float, nonneg_int, positive_int
+
 
 def add_coder_args(p: argparse.ArgumentParser) -> None:
     """``--coders`` and ``--model``, as every command on transcoders and a model takes them."""
@@ -38,13 +40,13 @@ def add_parser(subparsers) -> None:
     root.add_argument("--logit", help="root logit: token id, one-token text, or 'top'")
     p.add_argument("--minus", default=None, help="subtract this token's logit (logit difference)")
     p.add_argument("--position", type=int, default=-1, help="token position of the root (negative: from the end)")
-    p.add_argument("--depth", type=int, default=3, help="path length")
-    p.add_argument("--beam", type=int, default=15, help="paths kept at each depth")
-    p.add_argument("--per-node", type=int, default=0, help="at most this many children per node and depth (0: any)")
-    p.add_argument("--min-abs", type=float, default=0.0, help="ignore children with smaller |attribution|")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--depth", type=positive_int, default=3, help="path length")
+    p.add_argument("--beam", type=positive_int, default=15, help="paths kept at each depth")
+    p.add_argument("--per-node", type=nonneg_int, default=0, help="at most this many children per node and depth (0: any)")
+    p.add_argument("--min-abs", type=nonneg_float, default=0.0, help="ignore children with smaller |attribution|")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default="circuit", help="output folder")
-    p.add_argument("--show", type=int, default=15, help="paths printed")
+    p.add_argument("--show", type=nonneg_int, default=15, help="paths printed")
     p.set_defaults(func=run)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mechfaith.cli.arg_types import device, int_at_least, positive_int
 from mechfaith.cli.circuit import add_coder_args
 
 
@@ -21,11 +22,11 @@ def add_parser(subparsers) -> None:
     add_coder_args(p)
     p.add_argument("--features", required=True, help="LAYER:INDEX,... or LAYER:topN (densest N)")
     p.add_argument("--corpus-source", default="shakespeare", help="corpus (see mechfaith lm)")
-    p.add_argument("--context-length", type=int, default=64, help="tokens per context")
-    p.add_argument("--contexts", type=int, default=128, help="contexts scanned for examples")
-    p.add_argument("--k", type=int, default=10, help="rows of each top-k table")
-    p.add_argument("--per-band", type=int, default=5, help="examples per activation band")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--context-length", type=int_at_least(2), default=64, help="tokens per context")
+    p.add_argument("--contexts", type=positive_int, default=128, help="contexts scanned for examples")
+    p.add_argument("--k", type=positive_int, default=10, help="rows of each top-k table")
+    p.add_argument("--per-band", type=positive_int, default=5, help="examples per activation band")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default="dashboards", help="output folder")
     p.set_defaults(func=run)
 

@@ -3,7 +3,9 @@
 Each field becomes ``--<prefix><field-name-with-dashes>``; its help is the field's ``doc()`` text,
 its choices come from ``doc(choices=...)``, and booleans get ``--flag/--no-flag``. Options default to
 None ("not given"), so :func:`dataclass_from_args` can layer the values:
-built-in defaults < config file < flags given on the command line.
+built-in defaults < config file < flags given on the command line. The values are checked there:
+types and choices by :func:`~mechfaith.configs.coerce_value`, ranges and finiteness by the config's
+``__post_init__``, a device field (``doc(kind="device")``) by :func:`~mechfaith.cli.arg_types.check_device`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mechfaith.cli.arg_types import check_device
 from mechfaith.configs import base_type, coerce_value
 from mechfaith.errors import ConfigError
 
@@ -70,12 +73,8 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, *, prefix: str =
                         file_values: dict[str, Any] | None = None) -> T:
     """Build ``cls``: built-in defaults < ``file_values`` < options given on the command line."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    for key, value in (file_values or {}).items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"{cls.__name__}: unknown option {key!r} in the config file")
-        values[name] = value
+    check_file_keys(cls, file_values or {})
+    values = {key.replace("-", "_"): value for key, value in (file_values or {}).items()}
     for name in fields:
         given = getattr(args, _dest(prefix, name), None)
         if given is not None:
@@ -89,9 +88,22 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, *, prefix: str =
                           f"(give them as flags or in the config file)")
     checked = {k: coerce_value(cls, fields[k], v) for k, v in values.items()}
     try:
-        return cls(**checked)
+        cfg = cls(**checked)
     except TypeError as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from None
+    for name, f in fields.items():
+        if f.metadata.get("kind") == "device":
+            check_device(getattr(cfg, name), "--" + prefix + name.replace("_", "-"))
+    return cfg
+
+
+def check_file_keys(cls: type, file_values: typing.Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a key of a config-file section that is not a field of ``cls``
+    (also for a section a command reads only to check it, e.g. ``[train]`` in ``lm collect``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in file_values:
+        if str(key).replace("-", "_") not in names:
+            raise ConfigError(f"{cls.__name__}: unknown option {key!r} in the config file")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ SECTIONS = ("faithfulness", "datapoints", "masking", "lm_faithfulness")
 
 
 def add_parser(subparsers) -> None:
+    from mechfaith.cli.arg_types import device
     from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
     from mechfaith.faithfulness.datapoints import DatapointConfig
     from mechfaith.faithfulness.masking import MaskingConfig
@@ -57,7 +58,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's); for a set: which "
                                                               "layer's coder to report on (required)")
     p.add_argument("--corpus-source", default=None, help="text source (default: the coder's corpus)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the model's weights")
     add_quiet_option(p, "hide progress")

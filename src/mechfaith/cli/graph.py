@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechfaith.cli.arg_types import device, nonneg_int, positive_int
 from mechfaith.cli.circuit import add_coder_args
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
 
@@ -52,12 +53,12 @@ def add_parser(subparsers: Any) -> None:
                    help="target these tokens (ids or one-token texts) instead of the top predictions")
     p.add_argument("--minus", default=None, help="with one --target: the logit difference target - minus")
     add_dataclass_args(p, GraphConfig)
-    p.add_argument("--check", type=int, default=20, help="features ablated in the intervention check (0: none)")
+    p.add_argument("--check", type=nonneg_int, default=20, help="features ablated in the intervention check (0: none)")
     p.add_argument("--dashboards", default="all", metavar="all|N",
                    help="dashboards of every feature of the pruned graph (all), of its N most influential, or none (0)")
-    p.add_argument("--dashboard-contexts", type=int, default=32, help="held-out contexts the dashboards scan")
+    p.add_argument("--dashboard-contexts", type=positive_int, default=32, help="held-out contexts the dashboards scan")
     p.add_argument("--corpus-source", default="shakespeare", help="corpus of the dashboards' contexts")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default="graph", help="output folder")
     add_quiet_option(p)
     p.set_defaults(func=run)
@@ -67,12 +68,8 @@ def _check_args(args: argparse.Namespace) -> None:
     from mechfaith.atomic import check_replaceable
     from mechfaith.errors import ConfigError
 
-    if args.check < 0:
-        raise ConfigError("--check must be >= 0")
     if args.dashboards != "all" and not (args.dashboards.isdigit()):
         raise ConfigError(f"--dashboards takes 'all' or a count >= 0, not {args.dashboards!r}")
-    if args.dashboard_contexts < 1:
-        raise ConfigError("--dashboard-contexts must be >= 1")
     if args.minus is not None and (not args.target or len(args.target) != 1):
         raise ConfigError("--minus needs exactly one --target")
     check_replaceable(args.out, (*CASE_STUDY, "case_study.md", "case_study.json") if args.case_study

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mechfaith.cli.arg_types import device, positive_int
 from mechfaith.cli.circuit import add_coder_args
 
 
@@ -31,8 +32,8 @@ def add_parser(subparsers: Any) -> None:
                    help="features respond on their recorded active sets (the graph's linearisation) instead of "
                         "being recomputed by their activation (TopK re-selecting its k)")
     p.add_argument("--position", type=int, default=-1, help="position whose logits are shown (negative: from the end)")
-    p.add_argument("--top", type=int, default=10, help="rows of each table")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--top", type=positive_int, default=10, help="rows of each table")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -73,11 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from mechfaith.circuits.interventions import check_interventions, parse_intervention, run_frozen, run_live
     from mechfaith.circuits.replacement import record_run
     from mechfaith.circuits.session import open_session, resolve_pos
-    from mechfaith.errors import ConfigError
     from mechfaith.jsonio import write_json
 
-    if args.top < 1:
-        raise ConfigError("--top must be >= 1")
     ivs = [parse_intervention(s) for s in args.feature]
     session = open_session(args.model, args.coders, args.device)
     ids = session.tokenize(args.prompt)

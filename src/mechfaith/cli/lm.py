@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mechfaith.atomic import check_replaceable
-from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_sections
+from mechfaith.cli.arg_types import device, layers_spec, nonneg_float, positive_int
+from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+from mechfaith.cli.lm_configs import data_configs, train_configs
 from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
 
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("lm", "corpus", "coder", "train")
 DEFAULT_SWEEP_VALUES = "16,32,64,128"
 SWEEP_TRAIN_DEFAULTS = {"n_steps": 150}
 
@@ -93,7 +94,7 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test in minutes: 31k tokens, 30 steps, 4x latents, k 32 (flags still win)")
-    p.add_argument("--layers", default=None,
+    p.add_argument("--layers", type=layers_spec, default=None,
                    help="train a coder at each of these layers together, from one forward pass per batch: 'all', a "
                         "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
                         "OUT/layers/L<l>/; replaces --layer); under torchrun the processes share the layers. "
@@ -115,7 +116,7 @@ def add_parser(subparsers) -> None:
                        formatter_class=fmt)
     p.add_argument("--out", default="lm-activations",
                    help="cache folder: new, empty, or a cache collected before (replaced whole)")
-    p.add_argument("--layers", default=None,
+    p.add_argument("--layers", type=layers_spec, default=None,
                    help="layers collected in one pass: 'all', a range like 0-29 or a list like 1,3,5 "
                         "(default: --layer); a set trains from it with lm train --layers ... --activations")
     _common(p)
@@ -131,11 +132,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="result JSON (default: eval.json beside the coder folder)")
     p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
-    p.add_argument("--eval-contexts", type=int, default=None, help="held-out contexts (default 64; 16 for a set, whose "
+    p.add_argument("--eval-contexts", type=positive_int, default=None, help="held-out contexts (default 64; 16 for a set, whose "
                    "evaluation runs the model about twice per layer)")
-    p.add_argument("--batch-contexts", type=int, default=None, help="contexts per forward pass (default 32)")
+    p.add_argument("--batch-contexts", type=positive_int, default=None, help="contexts per forward pass (default 32)")
     p.add_argument("--corpus-source", default=None, help="text source (default: the coder's corpus)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the model's weights")
     p.add_argument("--keep-bos", action="store_true",
@@ -143,7 +144,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--splice-bos", action="store_true",
                    help="for a set (a folder with set.json): replace BOS too (default: every layer keeps "
                         "the model's own MLP output at BOS, which the set's coders never saw)")
-    p.add_argument("--keep-massive", type=float, default=None, metavar="RATIO",
+    p.add_argument("--keep-massive", type=nonneg_float, default=None, metavar="RATIO",
                    help="for a set: positions whose own MLP output norm exceeds RATIO x the median (attention "
                         "sinks, left out of a streamed set's training) keep it; 0 replaces them too (default: 50)")
     p.add_argument("--include-bos", action="store_true",
@@ -177,32 +178,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run, lm_func=_run_import)
 
 
-# ---------------------------------------------------------------------- building configs
-def _file_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    return load_config_sections(getattr(args, "config", None), SECTIONS)
-
-
-def _configs(args: argparse.Namespace, *, coder: bool, train: bool, train_defaults: dict | None = None,
-             profile: dict[str, dict[str, Any]] | None = None):
-    """The configs from built-in defaults < ``profile`` (a set's or --quick's defaults) < the config
-    file < the flags."""
-    from mechfaith.lm.config import LM_TRAIN_DEFAULTS, LMCoderConfig, LMConfig
-    from mechfaith.lm.corpus import CorpusConfig
-    from mechfaith.training.config import TrainConfig
-
-    files = _file_sections(args)
-    base = profile or {}
-    lm_cfg = dataclass_from_args(LMConfig, args, file_values={**base.get("lm", {}), **files["lm"]})
-    corpus_cfg = dataclass_from_args(CorpusConfig, args, prefix="corpus-", file_values=files["corpus"])
-    coder_cfg = (dataclass_from_args(LMCoderConfig, args, file_values={**base.get("coder", {}), **files["coder"]})
-                 if coder else None)
-    train_cfg = None
-    if train:
-        tvals = {**LM_TRAIN_DEFAULTS, **(train_defaults or {}), **base.get("train", {}), **files["train"]}
-        train_cfg = dataclass_from_args(TrainConfig, args, file_values=tvals)
-    return lm_cfg, corpus_cfg, coder_cfg, train_cfg
-
-
 def _progress(args: argparse.Namespace) -> bool:
     return not bool(getattr(args, "quiet", False))
 
@@ -221,7 +196,7 @@ def _run_collect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     old_cache = {c.name for c in out.iterdir()} if (out / INDEX_NAME).is_file() else set()
     check_replaceable(out, old_cache, "activation cache")  # a cache collected before is replaced whole
-    lm_cfg, corpus_cfg, _, _ = _configs(args, coder=False, train=False)
+    lm_cfg, corpus_cfg = data_configs(args)
     layers = None
     if args.layers:
         layers = parse_layers(args.layers, get_model(lm_cfg).adapter.n_layers)
@@ -257,7 +232,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from mechfaith.lm.train import train_coder
 
     profile = QUICK_PROFILE if args.quick else SET_PROFILE if args.layers is not None else None
-    lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True, profile=profile)
+    lm_cfg, corpus_cfg, coder_cfg, train_cfg = train_configs(args, profile=profile)
     if args.layers is not None:
         from mechfaith.cli.lm_set import run_train_set
 
@@ -314,8 +289,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from mechfaith.lm.sweep import run_sweep, sweep_param
     from mechfaith.reports.sweep_plot import plot_sweep
 
-    lm_cfg, corpus_cfg, coder_cfg, train_cfg = _configs(args, coder=True, train=True,
-                                                        train_defaults=SWEEP_TRAIN_DEFAULTS)
+    lm_cfg, corpus_cfg, coder_cfg, train_cfg = train_configs(args, train_defaults=SWEEP_TRAIN_DEFAULTS)
     param = sweep_param(coder_cfg.activation)
     raw = args.values or (DEFAULT_SWEEP_VALUES if param == "k" else None)
     if raw is None:

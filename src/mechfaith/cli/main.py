@@ -2,8 +2,10 @@
 
 Every sub-command lives in its own module under ``mechfaith.cli`` listed in
 :data:`COMMAND_MODULES`; each defines ``add_parser(subparsers)`` (which sets ``func=run``) and
-``run(args) -> int``. Errors that mechfaith raises on purpose, and OS errors, become one line on
-stderr (``mechfaith: error: ...``) and a non-zero exit, never a traceback.
+``run(args) -> int``. Errors that mechfaith raises on purpose, OS errors and every argparse error
+(a missing, unknown or malformed option, in any sub-command) become one line on stderr
+(``mechfaith: error: ...``) and exit 2, never a traceback or a usage block; Ctrl-C at any moment
+(imports included) becomes ``mechfaith: interrupted`` and exit 1.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from mechfaith import __version__
 from mechfaith.errors import MechfaithError, TrainingDiverged
@@ -24,9 +27,19 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line ``mechfaith: error: <command>: <problem>`` (exit 2)
+    instead of a usage block; sub-command parsers inherit the class (``--help`` still prints the help)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("mechfaith").strip()
+        text = " ".join((f"{command}: {message}" if command else message).split())
+        self.exit(EXIT_ERROR, f"mechfaith: error: {text}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mechfaith",
         description="Transcoders you can trust: train sparse coders, test their mechanistic "
                     "faithfulness, analyse circuits.")
@@ -57,6 +70,16 @@ def _sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
     return found
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (nested) sub-command that ``args`` chose."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _command_parser(action.choices[chosen], args)
+    return parser
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename is not None else ""
@@ -67,9 +90,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code (argparse errors, ``--help`` and ``--version``
+    exit through :class:`SystemExit`)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # also while the commands' modules (torch, transformers) are imported
+        print("mechfaith: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, so that the error names the command
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.quiet_all:
         args.quiet = True
     verbosity = args.verbose + getattr(args, "verbose_sub", 0)
@@ -98,9 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     except (MechfaithError, OSError) as exc:
         print(f"mechfaith: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("mechfaith: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     return int(code or 0)
 
 

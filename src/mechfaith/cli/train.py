@@ -18,14 +18,17 @@ from typing import Any
 import torch
 
 from mechfaith.atomic import write_text_atomic
+from mechfaith.cli.arg_types import finite_float
 from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
 from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.files import save_coder
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.training import TrainConfig, Trainer
+from mechfaith.training.checkpoint import is_checkpoint
 from mechfaith.training.demo import TASK_NAME, demo_reference, demo_stream
 
+CHECKPOINT_DIR = "checkpoint"
 SMALL_CODER = 1 << 16  # d_in * n_latents at or below which the demo trains on one thread
 DEMO_CODER = {"d_in": 32, "n_latents": 256, "activation": "topk", "k": 8}
 DEMO_TRAIN = {"n_steps": 600, "batch_size": 256, "lr": 3e-3, "sparsity": "none", "log_every": 50,
@@ -38,8 +41,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--config", default=None,
                    help="TOML/YAML/JSON file with [coder] and [train] sections")
-    p.add_argument("--density", type=float, default=0.2, help="fraction of non-zero input coordinates")
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
+    p.add_argument("--density", type=finite_float, default=0.2, help="fraction of non-zero input coordinates")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out (OUT/checkpoint)")
     p.add_argument("--quiet", action="store_true", help="hide the progress bar")
     add_dataclass_args(p.add_argument_group("coder"), CoderConfig, defaults=DEMO_CODER)
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, defaults=DEMO_TRAIN)
@@ -62,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     file_coder, file_train = _sections(args.config)
     ccfg = dataclass_from_args(CoderConfig, args, file_values={**DEMO_CODER, **file_coder})
     tcfg = dataclass_from_args(TrainConfig, args, file_values={**DEMO_TRAIN, **file_train})
+    if args.resume and not is_checkpoint(Path(args.out) / CHECKPOINT_DIR):
+        raise ConfigError(f"--resume: no checkpoint in {Path(args.out) / CHECKPOINT_DIR} (nothing to resume; "
+                          f"start without --resume)")
     if tcfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ \
             and ccfg.d_in * ccfg.n_latents <= SMALL_CODER:
         # A tiny coder gains nothing from a thread pool, and on a busy machine the pool's threads wait
@@ -77,19 +83,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     reference = demo_reference(ccfg.d_in, int(ccfg.d_out))  # type: ignore[arg-type]
     coder = build_coder(ccfg, seed=tcfg.seed)
     stream = demo_stream(ccfg.d_in, args.density, tcfg.batch_size, tcfg.seed)
-    ckpt = out / "checkpoint" if tcfg.checkpoint_every > 0 else None
+    ckpt = out / CHECKPOINT_DIR if tcfg.checkpoint_every > 0 or args.resume else None
     trainer = Trainer(coder, tcfg, reference=reference, log_path=out / "train.jsonl",
-                      checkpoint_dir=ckpt, progress=not args.quiet, desc="demo")
+                      checkpoint_dir=ckpt, progress=not args.quiet, desc="demo")  # checks the pair: before any write
+    out.mkdir(parents=True, exist_ok=True)
     # The trainer logs a divergence as an ERROR; the CLI reports it itself as its one error line.
     trainer_log = logging.getLogger("mechfaith.training.engine")
     hide_divergence = _DropDivergence()
     trainer_log.addFilter(hide_divergence)
     try:
-        result = trainer.fit(stream, resume="auto" if args.resume else False)
+        result = trainer.fit(stream, resume=bool(args.resume))
     finally:
         trainer_log.removeFilter(hide_divergence)
     summary = {"status": result.status, "steps": result.steps_done, "tokens": result.tokens_seen,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -43,6 +43,7 @@ class CoderConfig:
                             "penalty", choices=DECODER_NORMS)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.d_out is None:
             self.d_out = self.d_in
         for name in ("d_in", "n_latents", "d_out", "k"):
@@ -63,3 +64,5 @@ class CoderConfig:
             raise ConfigError(f"CoderConfig.init_scale must be > 0, got {self.init_scale!r}")
         if self.jumprelu_threshold <= 0 or self.jumprelu_bandwidth <= 0:
             raise ConfigError("CoderConfig: jumprelu_threshold and jumprelu_bandwidth must be > 0")
+        if not 0 < self.batchtopk_momentum <= 1:
+            raise ConfigError(f"CoderConfig.batchtopk_momentum must be in (0, 1], got {self.batchtopk_momentum!r}")

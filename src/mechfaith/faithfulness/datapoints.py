@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mechfaith.coders.coder import SparseCoder
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError, InputError
 
 Fn = Callable[[Tensor], Tensor]
@@ -66,6 +66,7 @@ class DatapointConfig:
     chunk_size: int = doc("Rows per chunk when encoding the sample.", 4096)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.top_k < 1 or self.min_active < 1 or self.chunk_size < 1:
             raise ConfigError("DatapointConfig: top_k, min_active and chunk_size must be >= 1")
         for name in ("dup_cosine", "candidate_share", "mass_threshold"):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.coders.coder import SparseCoder
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError, InputError
 
 
@@ -41,6 +41,7 @@ class MaskingConfig:
     chunk_size: int = doc("Rows per chunk when encoding the sample.", 4096)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.weight_ratio_threshold > 0 or not 0 <= self.max_firing_rate <= 1:
             raise ConfigError("MaskingConfig: weight_ratio_threshold must be > 0 and max_firing_rate in [0, 1]")
         if self.chunk_size < 1:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.coders.coder import SparseCoder
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.faithfulness.agreement import jacobian_agreement, jacobian_spectra, spectra_report
 from mechfaith.faithfulness.datapoints import DatapointConfig, detect_datapoint_features
@@ -55,6 +55,7 @@ class FaithfulnessConfig:
     masking: MaskingConfig = doc("Gradient-masking detector settings.", default_factory=MaskingConfig)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.n_probes < 1 or self.offdist_probes < 1 or self.spectra_inputs < 0 or self.spectra_top_k < 1:
             raise ConfigError("FaithfulnessConfig: n_probes, offdist_probes, spectra_top_k must be >= 1 "
                               "and spectra_inputs >= 0")

@@ -10,7 +10,7 @@ from typing import Any
 
 from mechfaith.coders.config import ACTIVATIONS, DECODER_NORMS, KINDS, CoderConfig
 from mechfaith.coders.init import SKIP_INITS
-from mechfaith.configs import config_from_dict, doc
+from mechfaith.configs import check_finite, config_from_dict, doc
 from mechfaith.errors import ConfigError
 from mechfaith.lm.activations import STORAGE_DTYPES
 from mechfaith.lm.adapters import INPUT_SITES
@@ -48,10 +48,11 @@ class LMConfig:
     stream_block_tokens: int = doc("Rows per block when a set of layers trains straight from the model (each "
                                    "block is shuffled and served in batches; memory: rows x layers x "
                                    "(d_in + d_out) x 4 bytes, 1.1 GB for SmolLM2's 30 layers at 8192).", 8192)
-    device: str = doc("Torch device for the model and the coder (cpu, cuda, ...).", "cpu")
+    device: str = doc("Torch device for the model and the coder (cpu, cuda, ...).", "cpu", kind="device")
     dtype: str = doc("dtype of the model's weights.", "float32", choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.massive_ratio >= 0:
             raise ConfigError(f"LMConfig.massive_ratio must be >= 0, got {self.massive_ratio}")
         if self.layer < -1:
@@ -92,8 +93,13 @@ class LMCoderConfig:
                               "result up to float rounding).", True)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.n_latents < 0 or self.expansion <= 0:
             raise ConfigError("LMCoderConfig: n_latents must be >= 0 and expansion positive")
+        if self.k < 1:
+            raise ConfigError(f"LMCoderConfig.k must be a positive integer, got {self.k}")
+        if not (self.jumprelu_threshold > 0 and self.jumprelu_bandwidth > 0):
+            raise ConfigError("LMCoderConfig: jumprelu_threshold and jumprelu_bandwidth must be > 0")
         if self.latent_init_fraction < 0:
             raise ConfigError("LMCoderConfig.latent_init_fraction must be >= 0")
 
@@ -106,6 +112,21 @@ class LMCoderConfig:
                            skip=self.skip and self.kind == "transcoder", decoder_norm=self.decoder_norm,
                            # unit rows: the LM defaults (latent_init_fraction, lr) were tuned with them
                            init_scale=1.0)
+
+
+def check_run_configs(coder_cfg: LMCoderConfig, train_cfg: TrainConfig, sae_site: str = "input") -> None:
+    """Raise :class:`ConfigError` when the coder and the training settings do not go together (checked
+    before any model is loaded or any activation collected, so a bad pair fails at once)."""
+    if sae_site not in ("input", "output"):
+        raise ConfigError(f"sae_site must be 'input' or 'output', not {sae_site!r}")
+    if coder_cfg.activation == "relu" and train_cfg.sparsity == "none":
+        raise ConfigError("a ReLU coder needs a sparsity penalty: add --sparsity l1 (and a --sparsity-coef)")
+    if coder_cfg.activation == "jumprelu" and train_cfg.sparsity != "l0":
+        raise ConfigError("a JumpReLU coder is trained with --sparsity l0")
+    if train_cfg.sparsity == "l0" and coder_cfg.activation != "jumprelu":
+        raise ConfigError("the l0 penalty needs a JumpReLU coder (--activation jumprelu)")
+    if train_cfg.jacobian_coef > 0 and coder_cfg.kind != "transcoder":
+        raise ConfigError("Jacobian matching needs a transcoder (an SAE has no MLP to match)")
 
 
 # Defaults of the training options for LM coders, on top of TrainConfig's own (the CLI applies

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.models import LoadedModel, package_dir
 
@@ -55,6 +55,7 @@ class CorpusConfig:
     max_documents: int = doc("Use at most this many documents (0: all); for quick runs.", 0)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.context_length < 2:
             raise ConfigError(f"CorpusConfig.context_length must be >= 2, got {self.context_length}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechfaith.configs import config_from_dict, config_to_dict, doc
+from mechfaith.configs import check_finite, config_from_dict, config_to_dict, doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report
 from mechfaith.jsonio import json_safe, write_json
@@ -71,6 +71,7 @@ class LMFaithfulnessConfig:
     batch_contexts: int = doc("Contexts per forward pass.", 16)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("eval_contexts", "offdist_contexts", "key_window", "batch_contexts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LMFaithfulnessConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -43,12 +43,20 @@ from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.activations import ActivationConfig
 from mechfaith.lm.coder_files import CODER_DIR
 from mechfaith.lm.collect import check_sites, training_contexts
-from mechfaith.lm.config import LMCoderConfig, LMConfig
+from mechfaith.lm.config import LMCoderConfig, LMConfig, check_run_configs
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.distributed import join_ranks, share_costs, split_layers
 from mechfaith.lm.model_cache import get_model, resolve_layer
 from mechfaith.lm.model_stream import ModelActivationStream
-from mechfaith.lm.train import ColumnStream, LayerData, TrainCoderResult, finish_coder_run, prepare_coder_run
+from mechfaith.lm.train import (
+    CHECKPOINT_DIR,
+    ColumnStream,
+    LayerData,
+    TrainCoderResult,
+    check_resumable,
+    finish_coder_run,
+    prepare_coder_run,
+)
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.engine import Engine
 
@@ -59,26 +67,36 @@ SET_FORMAT_VERSION = 1
 LAYERS_DIR = "layers"
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """``all``, a range ``a-b`` (inclusive) or a comma-separated list -> sorted distinct layers."""
+def layer_ranges(spec: str) -> list[tuple[int, int]] | None:
+    """The syntax of ``--layers`` (checked before the model is loaded): None for ``all``, else the
+    inclusive ranges ``(first, last)`` of a range ``a-b`` or a comma-separated list of layers and ranges."""
     text = spec.strip().lower()
     if text == "all":
-        return list(range(n_layers))
-    layers: set[int] = set()
+        return None
+    ranges: list[tuple[int, int]] = []
     try:
         for part in text.split(","):
             if "-" in part.strip()[1:]:
                 lo, hi = part.split("-", 1)
-                layers.update(range(int(lo), int(hi) + 1))
+                ranges.append((int(lo), int(hi)))
             elif part.strip():
-                layers.add(int(part))
+                ranges.append((int(part), int(part)))
     except ValueError:
         raise ConfigError(f"--layers must be 'all', a range like 0-29 or a list like 1,3,5; got {spec!r}") from None
-    bad = sorted(l for l in layers if not 0 <= l < n_layers)
-    if not layers or bad:
-        raise ConfigError(f"--layers {spec!r}: the model has layers 0..{n_layers - 1}"
-                          + (f" (not {bad})" if bad else ""))
-    return sorted(layers)
+    if not ranges or any(lo < 0 or lo > hi for lo, hi in ranges):
+        raise ConfigError(f"--layers {spec!r}: give layers >= 0 and ranges first-last with first <= last")
+    return ranges
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """``all``, a range ``a-b`` (inclusive) or a comma-separated list -> sorted distinct layers."""
+    ranges = layer_ranges(spec)
+    if ranges is None:
+        return list(range(n_layers))
+    bad = sorted({hi for _, hi in ranges if hi >= n_layers})
+    if bad:
+        raise ConfigError(f"--layers {spec!r}: the model has layers 0..{n_layers - 1} (not {bad})")
+    return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})
 
 
 class LayersStream:
@@ -255,6 +273,9 @@ def train_set(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
     returns the same result; the progress bar is rank 0's."""
     out = Path(out)
     t0 = time.perf_counter()
+    check_run_configs(coder_cfg, train_cfg, sae_site)
+    if resume:
+        check_resumable(list((out / LAYERS_DIR).glob(f"L*/{CHECKPOINT_DIR}")), out / LAYERS_DIR / f"L*/{CHECKPOINT_DIR}")
     ranks = join_ranks(cfg.device)
     try:
         cfg = dataclasses.replace(cfg, device=ranks.device)

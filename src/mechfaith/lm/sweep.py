@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.collect import collect
-from mechfaith.lm.config import LMCoderConfig, LMConfig
+from mechfaith.lm.config import LMCoderConfig, LMConfig, check_run_configs
 from mechfaith.lm.corpus import CorpusConfig, eval_contexts
 from mechfaith.lm.fidelity import FidelityConfig, SpliceBaseline, SpliceEntry, SpliceFidelity, evaluate_many
 from mechfaith.lm.model_cache import get_model, resolve_layer
@@ -142,10 +143,12 @@ def run_sweep(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
     if unknown or not kinds:
         raise ConfigError(f"sweep kinds must be among {', '.join(SWEEP_KINDS)}, got {list(kinds)}")
     param = sweep_param(coder_cfg.activation)
-    if param == "k" and any(v <= 0 or not float(v).is_integer() for v in values):
+    if param == "k" and any(not float(v).is_integer() or v <= 0 for v in values):
         raise ConfigError(f"TopK sweep values are k (positive integers), got {list(values)}")
-    if param == "sparsity_coef" and any(v < 0 for v in values):
-        raise ConfigError(f"sparsity coefficients must be >= 0, got {list(values)}")
+    if param == "sparsity_coef" and any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"sparsity coefficients must be finite numbers >= 0, got {list(values)}")
+    for kind in kinds:  # every run's settings, before the model is loaded
+        check_run_configs(dataclasses.replace(coder_cfg, kind=kind), train_cfg, "output")
     t0 = time.perf_counter()
     lm = get_model(cfg)
     layer = resolve_layer(lm.adapter, cfg.layer)

@@ -29,9 +29,10 @@ from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.activation_cache import ActivationCache, CachedActivationStream
 from mechfaith.lm.coder_files import CODER_DIR
 from mechfaith.lm.collect import cache_matches, collect
-from mechfaith.lm.config import LMCoderConfig, LMConfig
+from mechfaith.lm.config import LMCoderConfig, LMConfig, check_run_configs
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.model_cache import get_model, resolve_layer
+from mechfaith.training.checkpoint import is_checkpoint
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.engine import TrainResult
 from mechfaith.training.trainer import Trainer
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 TRAIN_JSON = "train.json"
 SPARSE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")  # coders with sparse training paths
 ACTIVATIONS_DIR = "activations"
+CHECKPOINT_DIR = "checkpoint"
 
 
 def _columns(x: Tensor, y: Tensor, mode: str) -> tuple[Tensor, Tensor | None]:
@@ -140,6 +142,13 @@ class TrainCoderResult:
         return cls(**values)
 
 
+def check_resumable(folders: Sequence[Path], where: str | Path) -> None:
+    """Raise :class:`ConfigError` (saying ``where`` it looked) unless one of ``folders`` holds a checkpoint:
+    ``--resume`` with nothing to resume from is refused before any work, not started again from step 0."""
+    if not any(is_checkpoint(f) for f in folders):
+        raise ConfigError(f"--resume: no checkpoint in {where} (nothing to resume; start without --resume)")
+
+
 def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: str | Path | None,
                progress: bool) -> tuple[ActivationCache, int, LMConfig, float]:
     """The activation cache to train from, the layer, ``cfg`` with the cache's sites, and the
@@ -166,8 +175,7 @@ def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: 
 def _coder_layout(cfg: LMConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig, data: LayerData,
                   sae_site: str) -> tuple[CoderConfig, str, str, str]:
     """The coder's config, the stream mode (xy / x / y) and the coder's input and output sites."""
-    if sae_site not in ("input", "output"):
-        raise ConfigError(f"sae_site must be 'input' or 'output', not {sae_site!r}")
+    check_run_configs(coder_cfg, train_cfg, sae_site)
     if coder_cfg.kind == "sae":
         d = data.d_in if sae_site == "input" else data.d_out
         site = cfg.input_site if sae_site == "input" else cfg.output_site
@@ -176,12 +184,6 @@ def _coder_layout(cfg: LMConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfi
     else:
         ccfg = coder_cfg.coder_config(data.d_in, data.d_out)
         mode, in_site, out_site = "xy", cfg.input_site, cfg.output_site
-    if ccfg.activation == "relu" and train_cfg.sparsity == "none":
-        raise ConfigError("a ReLU coder needs a sparsity penalty: add --sparsity l1 (and a --sparsity-coef)")
-    if ccfg.activation == "jumprelu" and train_cfg.sparsity != "l0":
-        raise ConfigError("a JumpReLU coder is trained with --sparsity l0")
-    if train_cfg.jacobian_coef > 0 and ccfg.kind != "transcoder":
-        raise ConfigError("Jacobian matching needs a transcoder (an SAE has no MLP to match)")
     return ccfg, mode, in_site, out_site
 
 
@@ -249,7 +251,7 @@ def prepare_coder_run(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCode
         log.info("least-squares skip initialisation explains %.3f of the variance", init.skip_fve)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(coder, train_cfg, reference, log_path=out / "metrics.jsonl",
-                      checkpoint_dir=out / "checkpoint", progress=progress, desc=f"train L{data.layer}",
+                      checkpoint_dir=out / CHECKPOINT_DIR, progress=progress, desc=f"train L{data.layer}",
                       name=out.name)
     return CoderRun(out, trainer, mode, data, ccfg, coder_cfg, in_site, out_site, init, collect_seconds, t_start)
 
@@ -289,6 +291,9 @@ def train_coder(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfi
     reused from there when it was collected with the same settings). ``sae_site``: for an SAE,
     whether it reconstructs the cached ``input`` or ``output`` site.
     """
+    check_run_configs(coder_cfg, train_cfg, sae_site)
+    if resume:
+        check_resumable([Path(out) / CHECKPOINT_DIR], Path(out) / CHECKPOINT_DIR)
     run = prepare_coder_run(cfg, corpus_cfg, coder_cfg, train_cfg, out, activations=activations,
                             sae_site=sae_site, progress=progress)
     return finish_coder_run(run, run.trainer.fit(run.stream(), resume=resume))

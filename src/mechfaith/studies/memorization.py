@@ -30,7 +30,7 @@ from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import read_json, save_coder
 from mechfaith.coders.init import init_from_data
-from mechfaith.configs import config_to_dict, doc
+from mechfaith.configs import check_finite, config_to_dict, doc
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.faithfulness.datapoints import DatapointConfig
 from mechfaith.jsonio import json_safe, write_json
@@ -89,10 +89,11 @@ class ExperimentConfig:
     batch_contexts: int = doc("Contexts per forward pass of the model.", 16)
     save_coders: str = doc("Which cells' coders to save under cells/NAME/coder.", "first_seed",
                            choices=SAVE_CODERS)
-    device: str = doc("Torch device.", "cpu")
+    device: str = doc("Torch device.", "cpu", kind="device")
     dtype: str = doc("dtype of the model's weights.", "float32", choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.rates or any(not 0 <= r <= 1 for r in self.rates):
             raise ConfigError(f"ExperimentConfig.rates must be shares in [0, 1], got {self.rates}")
         if not self.jacobian_coefs or any(c < 0 for c in self.jacobian_coefs):

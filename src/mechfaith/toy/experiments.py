@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mechfaith.coders import SparseCoder
-from mechfaith.configs import config_to_dict, doc
+from mechfaith.configs import check_finite, config_to_dict, doc
 from mechfaith.errors import ConfigError
 from mechfaith.faithfulness.circuit_library import Decomposition, decompose
 from mechfaith.faithfulness.memorization import feature_memorization, find_datapoint_features, jacobian_at_point
@@ -84,6 +84,7 @@ class ToyConfig:
                        "1 thread is fastest, and 2 threads on a busy 2-core machine ran 9x slower.", 1)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("d", "n_latents", "n_ones", "n_probes", "steps", "batch", "seeds", "threads",
                      "val_samples", "library_samples"):
             if getattr(self, name) <= 0:
@@ -92,6 +93,8 @@ class ToyConfig:
                      "jacobian_coef", "jac_contrib_coef", "tanh_c"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ToyConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"ToyConfig.lr must be > 0, got {self.lr}")
         if self.n_ones > self.d:
             raise ConfigError(f"ToyConfig.n_ones = {self.n_ones} exceeds d = {self.d}")
         if not 0 <= self.resample_until_frac <= 1 or not 0 <= self.sparsity_warmup_frac < 1:

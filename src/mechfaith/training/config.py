@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mechfaith.configs import doc
+from mechfaith.configs import check_finite, doc
 from mechfaith.errors import ConfigError
 
 LR_DECAYS = ("none", "linear", "cosine")
@@ -54,9 +54,10 @@ class TrainConfig:
     checkpoint_every: int = doc("Write a checkpoint every this many steps (0 = only at the end; "
                                 "needs a checkpoint folder).", 1000)
     seed: int = doc("Seed of the trainer's random numbers (Jacobian-matching probes).", 0)
-    device: str = doc("Torch device to train on (cpu, cuda, cuda:1, ...).", "cpu")
+    device: str = doc("Torch device to train on (cpu, cuda, cuda:1, ...).", "cpu", kind="device")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         positive_ints = ("n_steps", "batch_size", "n_probes", "dead_window", "auxk_k", "log_every")
         for name in positive_ints:
             value = getattr(self, name)
