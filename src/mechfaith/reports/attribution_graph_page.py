@@ -8,7 +8,8 @@ error node), the logits on top. Node size follows influence (logits: probability
 negative, wider when stronger.
 
 Controls: an "error nodes" checkbox (hides error nodes and their links), a range slider hiding the
-links whose |weight| is below a share of the largest one, and a summary line with both scores and
+links whose |weight| is below a share of the largest one (it starts where the 500 strongest links
+show, so that a long prompt's graph is readable at first sight), and a summary line with both scores and
 the counts. Hovering a node shows its name, kind, layer, position, activation, influence, token
 and its strongest incoming and outgoing links (and fades the links not touching it). Clicking a
 feature node that has an entry in ``dashboard_links`` (node id -> URL relative to the page, e.g.
@@ -54,6 +55,7 @@ _JS = r"""
   const showErr = document.getElementById('show-errors');
   const slider = document.getElementById('edge-filter');
   const nL = g.n_layers, nPos = g.tokens.length, nRows = nL + 2;
+  const MAX_DEFAULT_LINKS = 500;
   const colors = {feature: '#f6ad55', error: '#a0aec0', token: '#63b3ed', logit: '#fc8181'};
   const byId = {};
   g.nodes.forEach(n => { byId[n.id] = n; n.inLinks = []; n.outLinks = []; });
@@ -65,9 +67,10 @@ _JS = r"""
     .reduce((m, n) => Math.max(m, size(n)), 1e-30);
   const maxInfl = maxOf(false), maxProb = maxOf(true);
   const avail = Math.max(500, document.getElementById('graph-box').clientWidth || 900);
-  const colW = Math.max(44, Math.min(140, (avail - 90) / Math.max(1, nPos)));
+  const colW = Math.max(22, Math.min(140, (avail - 90) / Math.max(1, nPos)));
+  const slanted = colW < 56;  // narrow columns: token labels at 45 degrees
   const rowH = Math.max(26, Math.min(80, 640 / nRows));
-  const left = 70, top = 30, width = left + nPos * colW + 20, height = top + nRows * rowH + 40;
+  const left = 70, top = 30, width = left + nPos * colW + 20, height = top + nRows * rowH + (slanted ? 80 : 40);
   svg.setAttribute('width', width); svg.setAttribute('height', height);
   const yOfRow = r => top + (nRows - 1 - r) * rowH + rowH / 2;
   const at = {};
@@ -125,8 +128,10 @@ _JS = r"""
     }
     for (let p = 0; p < nPos; p++) {
       const tok = g.token_strings ? g.token_strings[p] : String(g.tokens[p]);
-      const t = el('text', {x: left + p * colW + colW / 2, y: height - 14, class: 'tok', 'text-anchor': 'middle',
-                            'data-pos': p});
+      const tx = left + p * colW + colW / 2, ty = top + nRows * rowH + 10;
+      const t = el('text', slanted
+        ? {x: tx, y: ty, class: 'tok', 'text-anchor': 'end', transform: `rotate(-45 ${tx} ${ty})`, 'data-pos': p}
+        : {x: tx, y: height - 14, class: 'tok', 'text-anchor': 'middle', 'data-pos': p});
       t.textContent = shortTok(tok);
       el('title', {}, t).textContent = p + ': ' + JSON.stringify(tok);
     }
@@ -161,6 +166,10 @@ _JS = r"""
   }
   showErr.addEventListener('change', draw);
   slider.addEventListener('input', draw);
+  if (links.length > MAX_DEFAULT_LINKS) {  // start with the strongest links only; the slider shows the rest
+    const w = links.map(e => Math.abs(e.weight)).sort((a, b) => b - a)[MAX_DEFAULT_LINKS - 1];
+    slider.value = String(Math.ceil(1000 * w / maxW) / 10);
+  }
   draw();
 })();
 """
@@ -192,7 +201,7 @@ def attribution_graph_html(graph_json: dict[str, Any], title: str,
     return html_page(title, f"""<h1>{esc(title)}</h1>
 <div id="summary">{esc(summary_line(graph_json))}</div>
 <div id="controls"><label><input type="checkbox" id="show-errors" checked> error nodes</label>
-<label>hide links below <input type="range" id="edge-filter" min="0" max="100" step="1" value="0">
+<label>hide links below <input type="range" id="edge-filter" min="0" max="100" step="0.1" value="0">
 <span id="edge-share">0%</span> of the largest |weight|</label>
 <span><span id="link-count">{n_links}</span> of {n_links} links shown</span></div>
 <div id="wrap"><div id="graph-box"><svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div>
