@@ -64,6 +64,10 @@ def test_viewer_in_chromium(graph_json, tmp_path, browser):
     br = browser
     br.load(page, wait_for="svg#graph circle.node")
     assert br.count("svg#graph circle.node") == len(nodes)
+    first = br.count("svg#graph path.link")  # a big graph starts with its 500 strongest links
+    weakest_shown = min(sorted((abs(e["weight"]) for e in links), reverse=True)[:first])
+    assert 0 < first <= 500 < len(links) and weakest_shown >= sorted(abs(e["weight"]) for e in links)[-500]
+    br.execute("const s = document.getElementById('edge-filter'); s.value = 0; s.dispatchEvent(new Event('input'))")
     assert br.count("svg#graph path.link") == len(links)
     assert br.count("circle.node.has-dashboard") == 1
     labels = br.execute("return Array.from(document.querySelectorAll('svg#graph text.tok')).map(t => t.firstChild.nodeValue)")
