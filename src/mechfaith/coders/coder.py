@@ -72,7 +72,7 @@ class SparseCoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if cfg.skip else None
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(
-                torch.full((n,), float(torch.log(torch.tensor(cfg.jumprelu_threshold))), dtype=dtype))
+                torch.full((n,), float(torch.log(torch.tensor(cfg.jumprelu_threshold, device="cpu"))), dtype=dtype))
         else:
             self.log_threshold = None
         # Train through the fused forward/backward (coders.fused) in forward_full/forward_with_jvp;

@@ -201,7 +201,7 @@ def load_checkpoint(folder: str | os.PathLike[str], map_location: str | torch.de
     except MechfaithError as exc:
         raise CoderFileError(folder / CODER_DIR, str(exc)) from None
     optimizer_state = read_tensors(folder / OPTIMIZER_NAME, expected_sha256=meta.get("optimizer_sha256"))
-    tensors = read_tensors(folder / TENSORS_NAME, expected_sha256=meta.get("state_sha256"))
+    tensors = read_tensors(folder / TENSORS_NAME, expected_sha256=meta.get("state_sha256"), weights=False)
     stream_state: dict[str, Any] | None = None
     stream_json = meta.get("stream")
     if stream_json is not None:
