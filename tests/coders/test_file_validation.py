@@ -156,3 +156,12 @@ def test_check_fields_and_check_tensor_name_the_problem(tmp_path: Path) -> None:
         check_tensor(where, "threshold", torch.tensor([0.5, -0.1]), min_value=0.0)
     with pytest.raises(CoderFileError, match="x has 2 dimension"):
         check_tensor(where, "x", torch.zeros(2, 2), rank=1)
+
+
+def test_the_command_line_reports_each_family_in_one_line(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mechfaith.cli.main import main
+
+    (saved / CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert main(["inspect", str(saved)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mechfaith: error: ") and "nested deeper" in err[0], err

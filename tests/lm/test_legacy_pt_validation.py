@@ -254,3 +254,14 @@ def test_refusal_is_a_mechfaith_error_for_every_truncation(legacy: Path) -> None
         with pytest.raises(MechfaithError):
             import_gpt2_transcoder(legacy)
 
+
+
+def test_lm_import_reports_a_hostile_pt_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mechfaith.cli.main import main
+
+    path = tmp_path / "stride0.pt"
+    torch.save({"cfg": {}, "state_dict": {"W_enc": torch.zeros(1).expand(8192, 8192)}}, path)
+    assert main(["lm", "import", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mechfaith: error: ") and "larger than its storage" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stride0.pt"]  # nothing written
