@@ -72,7 +72,7 @@ class SparseCoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if cfg.skip else None
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(
-                torch.full((n,), float(torch.log(torch.tensor(cfg.jumprelu_threshold, device="cpu"))), dtype=dtype))
+                torch.full((n,), float(torch.log(torch.tensor(cfg.jumprelu_threshold))), dtype=dtype))
         else:
             self.log_threshold = None
         # Train through the fused forward/backward (coders.fused) in forward_full/forward_with_jvp;
@@ -84,6 +84,19 @@ class SparseCoder(nn.Module):
         # BatchTopK's inference threshold (EMA of the smallest kept activation); -1 = not yet set.
         self.register_buffer("batchtopk_threshold", torch.tensor(-1.0, dtype=dtype))
         self.reset_parameters(generator)
+
+    @staticmethod
+    def state_shapes(cfg: CoderConfig) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of ``state_dict()`` of a coder with config ``cfg`` (as
+        ``__init__`` makes them), known without allocating anything: loaders check a file against it."""
+        d_in, n, d_out = cfg.d_in, cfg.n_latents, int(cfg.d_out)  # type: ignore[arg-type]
+        shapes: dict[str, tuple[int, ...]] = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
+        if cfg.skip:
+            shapes["W_skip"] = (d_in, d_out)
+        if cfg.activation == "jumprelu":
+            shapes["log_threshold"] = (n,)
+        shapes["batchtopk_threshold"] = ()
+        return shapes
 
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()

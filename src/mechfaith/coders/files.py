@@ -144,17 +144,6 @@ def read_coder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def coder_shapes(cfg: CoderConfig, where: str | os.PathLike[str] = "config") -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor of a coder with config ``cfg``, found without allocating its memory."""
-    try:
-        with torch.device("meta"):
-            shell = SparseCoder(cfg)
-    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CoderFileError(where, f"bad config: sizes a coder cannot have ({first})") from None
-    return {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-
-
 def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> SparseCoder:
     """Load a coder saved by :func:`save_coder`; damage of any kind raises :class:`CoderFileError`."""
     folder = resolve_coder_folder(path)
@@ -164,7 +153,7 @@ def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = 
     except ConfigError as exc:
         raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
     tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta["weights_sha256"])
-    expected = coder_shapes(cfg, folder / CONFIG_NAME)
+    expected = SparseCoder.state_shapes(cfg)  # checked before the coder is allocated
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -173,7 +162,7 @@ def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = 
     for name, t in tensors.items():
         if tuple(t.shape) != expected[name]:
             raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
-                                                        f"the config implies {expected[name]}")
+                                                        f"the config implies {str(expected[name])[:80]}")
     coder = SparseCoder(cfg)
     coder.load_state_dict(tensors)
     return coder.to(map_location)
