@@ -111,6 +111,19 @@ def test_legacy_entry_larger_than_the_file_is_refused(legacy: Path) -> None:
     refused(legacy, "declares 1073741824 bytes")
 
 
+def many_entries(path: Path, legacy: Path, n: int = 60_000) -> Path:
+    """The legacy archive plus ``n`` empty entries: a directory of ~3 MB (zipfile would build ~35 MB
+    of objects from it)."""
+    items = entries(legacy)
+    prefix = next(iter(items)).split("/")[0]
+    items.update({f"{prefix}/x/{i:x}": b"" for i in range(n)})
+    return rezip(path, items)
+
+
+def test_legacy_zip_with_a_huge_directory_is_refused_unread(tmp_path: Path, legacy: Path) -> None:
+    refused(many_entries(tmp_path / "many.pt", legacy), "the zip's directory declares", "refused unread")
+
+
 # ---------------------------------------------------------------- pickle damage
 def test_legacy_self_referencing_pickle(tmp_path: Path) -> None:
     loop: list = []
@@ -233,7 +246,8 @@ def test_refusing_a_legacy_pt_takes_memory_bounded_by_its_size(tmp_path: Path, l
         shared = [shared, shared]
     laughs = with_pickle(tmp_path / "laughs.pt", pickle.dumps({"cfg": shared}, protocol=2))
     deep = with_pickle(tmp_path / "deep.pt", b"\x80\x02" + b"(" * 50_000 + b"l" * 50_000 + b".")
-    hostile = [stride0, views, bomb, huge_bytes, huge_memo, laughs, deep]
+    many = many_entries(tmp_path / "many.pt", legacy)
+    hostile = [stride0, views, bomb, huge_bytes, huge_memo, laughs, deep, many]
     env = {**os.environ, "PYTHONPATH": str(Path(mechfaith.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", _MEASURE, str(legacy), *map(str, hostile)],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -3,7 +3,8 @@
 
 :func:`open_torch_zip` opens the archive and checks every entry's declared sizes against the file's
 real size before a byte of it is read: ``torch.save`` stores entries uncompressed and unencrypted, so
-a compressed (zip bomb), encrypted or oversized entry is refused. :func:`read_entry` reads one entry
+a compressed (zip bomb), encrypted or oversized entry, or a directory of more entries than a
+transcoder's could need, is refused. :func:`read_entry` reads one entry
 into a buffer of its declared size (the CRC is checked at its end). :func:`scan_pickle` walks the
 pickle's opcodes (``pickletools``, which allocates nothing from declared lengths) and refuses the
 declared lengths, frames and memo indices that would make the unpickler allocate more than the
@@ -21,6 +22,7 @@ from pathlib import Path
 from mechfaith.errors import CoderFileError
 
 MAX_PICKLE_BYTES = 1 << 18  # 256 KiB: a transcoder's data.pkl is a few kB
+MAX_CENTRAL_DIRECTORY = 1 << 21  # 2 MiB: ~20,000 entries; a transcoder's archive has about 10
 # what a damaged archive can raise while zipfile reads it
 ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, ValueError,
               EOFError, OSError, zlib.error, struct.error, OverflowError, UnicodeDecodeError)
@@ -33,10 +35,37 @@ def zip_problem(exc: BaseException) -> str:
     return f"damaged zip archive ({type(exc).__name__}{': ' + text if text else ''})"
 
 
+def central_directory_size(path: Path, size: int) -> int | None:
+    """The size in bytes of the zip's central directory as its end record declares it (zip64 too);
+    None when there is no end record (zipfile then refuses the file)."""
+    with open(path, "rb") as fh:
+        tail_len = min(size, 22 + 0xFFFF)  # the end record, and at most a maximal comment after it
+        fh.seek(size - tail_len)
+        tail = fh.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + 22 > len(tail):
+            return None
+        (cd_size,) = struct.unpack("<I", tail[at + 12:at + 16])
+        if cd_size == 0xFFFFFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":
+            (offset,) = struct.unpack("<Q", tail[at - 12:at - 4])
+            if offset + 56 <= size:
+                fh.seek(offset)
+                record = fh.read(56)
+                if record[:4] == b"PK\x06\x06":
+                    (cd_size,) = struct.unpack("<Q", record[40:48])
+    return int(cd_size)
+
+
 def open_torch_zip(path: Path) -> zipfile.ZipFile:
-    """Open ``path`` as a zip archive whose entries are all stored, unencrypted and inside the file."""
+    """Open ``path`` as a zip archive whose entries are all stored, unencrypted and inside the file
+    (and whose central directory, which zipfile turns into objects of ~11 bytes per byte, is at
+    most :data:`MAX_CENTRAL_DIRECTORY` bytes)."""
     size = path.stat().st_size
     try:
+        cd_size = central_directory_size(path, size)
+        if cd_size is not None and cd_size > MAX_CENTRAL_DIRECTORY:
+            raise CoderFileError(path, f"the zip's directory declares {cd_size} bytes, more than the "
+                                       f"{MAX_CENTRAL_DIRECTORY} a transcoder's needs (refused unread)")
         archive = zipfile.ZipFile(path)
     except ZIP_ERRORS as exc:
         raise CoderFileError(path, zip_problem(exc)) from None
