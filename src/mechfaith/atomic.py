@@ -24,10 +24,21 @@ STARTED = time.time()  # temporaries last changed before this (the import of thi
 _TEMP_TAIL = re.compile(r"[a-z0-9_]{8}(?:\.[^/]*)?\.tmp")
 
 
+def _newest_change(path: str) -> float:
+    """The latest modification time of ``path`` and, for a folder, of everything inside it."""
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
 def clean_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporaries an interrupted atomic write of ``target`` left beside it: entries named
-    ``.<name>.<8 random characters>[suffix].tmp`` last changed before this process started (so never
-    one that a write of this process is using). Returns what was removed."""
+    ``.<name>.<8 random characters>[suffix].tmp`` in which nothing changed since this process
+    started (so never one that this process, or another one still writing, is using). Returns what
+    was removed."""
     target = Path(target)
     prefix = f".{target.name}."
     removed: list[Path] = []
@@ -39,8 +50,8 @@ def clean_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
         if not entry.name.startswith(prefix) or not _TEMP_TAIL.fullmatch(entry.name[len(prefix):]):
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_mtime >= STARTED:
-                continue
+            if _newest_change(entry.path) >= STARTED:
+                continue  # possibly in use by a process that is still writing it
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:

@@ -206,8 +206,13 @@ def test_clean_stale_temps_only_takes_our_own_old_temporaries(tmp_path: Path) ->
     for p in ours + theirs:
         p.write_text("x")
         _age(p)
+    busy = tmp_path / ".out.busy0000.tmp"  # an old folder with a file another process is still writing
+    busy.mkdir()
+    _age(busy)
+    (busy / "weights.safetensors").write_bytes(b"growing")
+    os.utime(busy, (time.time() - 3600, time.time() - 3600))
     assert sorted(clean_stale_temps(target)) == sorted(ours)
-    assert all(p.exists() for p in theirs)
+    assert all(p.exists() for p in theirs) and busy.exists()
 
 
 @pytest.mark.parametrize("writer", ["path", "dir"])
