@@ -35,3 +35,22 @@ def test_write_json_is_sorted_indented_and_atomic(tmp_path):
     assert text.index('"a"') < text.index('"b"') and text.endswith("\n") and "\n  " in text
     assert json.loads(text) == {"a": [math.pi], "b": 1}
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary file left
+
+
+def test_loads_json_caps_the_nesting_depth():
+    import pytest
+
+    from mechfaith.errors import InputError
+    from mechfaith.jsonio import MAX_JSON_DEPTH, json_too_deep, loads_json
+
+    assert loads_json("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH) is not None
+    assert loads_json('{"a": "[[[[' + "[" * 100 + '\\"]]"}') == {"a": "[[[[" + "[" * 100 + '"]]'}
+    for deep in ("[" * 100_000 + "]" * 100_000, '{"a":' * 65 + "1" + "}" * 65, "[{" * 33 + "}]" * 33):
+        assert json_too_deep(deep)
+        with pytest.raises(InputError, match="nested deeper than 64 levels"):
+            loads_json(deep)
+    assert not json_too_deep("[" + "[]," * 1000 + "[]]")  # wide, not deep
+    with pytest.raises(InputError, match="not valid JSON"):
+        loads_json("{")
+    with pytest.raises(InputError, match="not valid JSON"):
+        loads_json("1" * 5000)  # an integer too long to convert

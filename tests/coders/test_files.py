@@ -105,8 +105,11 @@ def test_truncated_weights_without_checksum(saved: Path) -> None:
     write_json(saved / CONFIG_NAME, meta)
     w = saved / WEIGHTS_NAME
     w.write_bytes(w.read_bytes()[:100])
-    with pytest.raises(CoderFileError) as exc:
+    with pytest.raises(CoderFileError) as exc:  # our own format always carries its checksum
         load_coder(saved)
+    check_error(exc, saved / CONFIG_NAME, "'weights_sha256' is missing")
+    with pytest.raises(CoderFileError) as exc:  # read without one, the damage is still caught
+        read_tensors(w)
     check_error(exc, w, "not a readable safetensors file")
 
 

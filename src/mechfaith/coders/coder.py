@@ -85,6 +85,19 @@ class SparseCoder(nn.Module):
         self.register_buffer("batchtopk_threshold", torch.tensor(-1.0, dtype=dtype))
         self.reset_parameters(generator)
 
+    @staticmethod
+    def state_shapes(cfg: CoderConfig) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of ``state_dict()`` of a coder with config ``cfg`` (as
+        ``__init__`` makes them), known without allocating anything: loaders check a file against it."""
+        d_in, n, d_out = cfg.d_in, cfg.n_latents, int(cfg.d_out)  # type: ignore[arg-type]
+        shapes: dict[str, tuple[int, ...]] = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
+        if cfg.skip:
+            shapes["W_skip"] = (d_in, d_out)
+        if cfg.activation == "jumprelu":
+            shapes["log_threshold"] = (n,)
+        shapes["batchtopk_threshold"] = ()
+        return shapes
+
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -2,14 +2,17 @@
 
 ``config.json`` holds ``format`` ("mechfaith.coder"), ``format_version``, the :class:`CoderConfig`,
 the SHA-256 of the weights file (so corruption anywhere in it is caught) and an optional free-form
-``training`` summary. No pickle anywhere: loading never executes code from a file.
+``training`` summary. No pickle anywhere: loading never executes code from a file. Loading checks
+everything (:mod:`mechfaith.coders.validate`): the JSON's nesting and field types, the checksum
+(required), the tensors' names and shapes against the config (before any memory is allocated for
+the coder), and their dtypes and finiteness.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,16 @@ from torch import Tensor
 from mechfaith.atomic import atomic_dir, atomic_path
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
+from mechfaith.coders.validate import check_fields, check_weights
 from mechfaith.configs import config_from_dict, config_to_dict
-from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.jsonio import write_json
+from mechfaith.errors import CoderFileError, ConfigError, InputError
+from mechfaith.jsonio import loads_json, write_json
 
 FORMAT = "mechfaith.coder"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -50,29 +55,38 @@ def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Tensor],
     return digest
 
 
-def read_tensors(path: str | os.PathLike[str], expected_sha256: str | None = None) -> dict[str, Tensor]:
-    """Read a safetensors file; any damage raises :class:`CoderFileError` naming the file."""
+def read_tensors(path: str | os.PathLike[str], expected_sha256: str | None = None, *,
+                 weights: bool = True) -> dict[str, Tensor]:
+    """Read a safetensors file; any damage raises :class:`CoderFileError` naming the file.
+    ``weights``: every tensor must be floating point and finite
+    (:func:`~mechfaith.coders.validate.check_weights`); False for files holding counters or bytes."""
     path = Path(path)
     if not path.is_file():
         raise CoderFileError(path, "file not found")
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise CoderFileError(path, "checksum mismatch: the file is truncated or corrupt")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CoderFileError(path, f"not a readable safetensors file ({first})") from None
+    if weights:
+        check_weights(path, tensors)
+    return tensors
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read JSON; a missing or malformed file raises :class:`CoderFileError`."""
+    """Read JSON (nesting capped, :func:`~mechfaith.jsonio.loads_json`); a missing, malformed or
+    too deeply nested file raises :class:`CoderFileError`."""
     path = Path(path)
     if not path.is_file():
         raise CoderFileError(path, "file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return loads_json(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
         raise CoderFileError(path, f"not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    except InputError as exc:
+        raise CoderFileError(path, str(exc)) from None
 
 
 def coder_state(coder: SparseCoder) -> dict[str, Tensor]:
@@ -123,6 +137,10 @@ def read_coder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise CoderFileError(cfg_path, f"format version {version!r} is not supported "
                                        f"(this mechfaith reads version {FORMAT_VERSION})")
+    check_fields(cfg_path, meta, {"config": "dict", "weights_sha256": "str", "training": "dict|null"},
+                 required=("config", "weights_sha256"))
+    if not _SHA256.fullmatch(meta["weights_sha256"]):
+        raise CoderFileError(cfg_path, f"'weights_sha256' is not a SHA-256 ({meta['weights_sha256']!r:.80})")
     return meta
 
 
@@ -131,20 +149,20 @@ def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = 
     folder = resolve_coder_folder(path)
     meta = read_coder_meta(folder)
     try:
-        cfg = config_from_dict(CoderConfig, meta.get("config", {}))
+        cfg = config_from_dict(CoderConfig, meta["config"])
     except ConfigError as exc:
         raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
-    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta.get("weights_sha256"))
-    coder = SparseCoder(cfg)
-    expected = coder.state_dict()
+    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta["weights_sha256"])
+    expected = SparseCoder.state_shapes(cfg)  # checked before the coder is allocated
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise CoderFileError(folder / WEIGHTS_NAME, f"tensors do not match the config "
                                                     f"(missing: {missing or '-'}, unexpected: {extra or '-'})")
     for name, t in tensors.items():
-        if t.shape != expected[name].shape:
+        if tuple(t.shape) != expected[name]:
             raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
-                                                        f"the config implies {tuple(expected[name].shape)}")
+                                                        f"the config implies {str(expected[name])[:80]}")
+    coder = SparseCoder(cfg)
     coder.load_state_dict(tensors)
     return coder.to(map_location)

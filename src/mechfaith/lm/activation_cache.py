@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mechfaith.atomic import atomic_dir
 from mechfaith.coders.files import read_json, sha256_file, write_tensors
+from mechfaith.coders.validate import check_fields, check_tensor
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.jsonio import write_json
@@ -102,6 +103,24 @@ def write_activation_cache(model: Any, contexts: Tensor, cfg: ActivationConfig, 
     return folder
 
 
+def check_index(path: Path, index: dict[str, Any]) -> None:
+    """The fields of an activation cache's ``index.json`` (types, sizes, shard entries inside the folder)."""
+    check_fields(path, index, {"layers": "list", "n_tokens": "int", "d_in": "int", "d_out": "int",
+                               "shards": "dict"}, required=("layers", "n_tokens", "d_in", "d_out", "shards"))
+    if not all(type(l) is int for l in index["layers"]) or min(index["d_in"], index["d_out"], index["n_tokens"]) < 0:
+        raise CoderFileError(path, "'layers' must be integers and the sizes >= 0")
+    for layer, shards in index["shards"].items():
+        if not isinstance(shards, list) or not all(isinstance(i, dict) for i in shards):
+            raise CoderFileError(path, f"the shards of layer {layer} must be a list of JSON objects")
+        for info in shards:
+            check_fields(path, info, {"file": "str", "rows": "int", "sha256": "str"},
+                         required=("file", "rows", "sha256"))
+            file = Path(info["file"])
+            if file.is_absolute() or ".." in file.parts or info["rows"] < 0:
+                raise CoderFileError(path, f"shard entry {info['file']!r:.80} ({info['rows']} rows) "
+                                           f"is not a file inside the cache")
+
+
 class ActivationCache:
     """A folder written by :func:`write_activation_cache`."""
 
@@ -116,11 +135,12 @@ class ActivationCache:
         if index.get("format_version") != FORMAT_VERSION:
             raise CoderFileError(index_path, f"activation cache version {index.get('format_version')!r} "
                                              f"is not supported (this mechfaith reads {FORMAT_VERSION})")
+        check_index(index_path, index)
         self.index = index
-        self.layers: list[int] = [int(l) for l in index["layers"]]
-        self.n_tokens: int = int(index["n_tokens"])
-        self.d_in: int = int(index["d_in"])
-        self.d_out: int = int(index["d_out"])
+        self.layers: list[int] = list(index["layers"])
+        self.n_tokens: int = index["n_tokens"]
+        self.d_in: int = index["d_in"]
+        self.d_out: int = index["d_out"]
 
     def shards(self, layer: int) -> list[dict[str, Any]]:
         try:
@@ -141,6 +161,11 @@ class ActivationCache:
                 x, y = fh.get_tensor("x"), fh.get_tensor("y")
         except Exception as exc:  # safetensors raises several types
             raise CoderFileError(path, f"not a readable shard ({type(exc).__name__}: {exc})") from None
+        check_tensor(path, "x", x, rank=2)  # floating point and finite, like weights
+        check_tensor(path, "y", y, rank=2)
+        if x.shape[1] != self.d_in or y.shape[1] != self.d_out:
+            raise CoderFileError(path, f"holds rows of width {x.shape[1]} -> {y.shape[1]}, the index says "
+                                       f"{self.d_in} -> {self.d_out}")
         if x.shape[0] != info["rows"] or y.shape[0] != info["rows"]:
             raise CoderFileError(path, f"has {x.shape[0]} rows, index says {info['rows']}")
         return x.float(), y.float()
@@ -234,9 +259,14 @@ class CachedActivationStream:
                 "shard_pos": self.shard_pos, "row_pos": self.row_pos, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "cached" or int(state.get("layer", -1)) != self.layer:
-            raise ConfigError(f"stream state is for another stream ({state.get('kind')}, layer {state.get('layer')})")
-        self.seed = int(state["seed"])
-        self.epoch, self.shard_pos, self.row_pos = int(state["epoch"]), int(state["shard_pos"]), int(state["row_pos"])
-        self.batch_size = int(state.get("batch_size", self.batch_size))
+        if not isinstance(state, dict) or state.get("kind") != "cached" or state.get("layer") != self.layer:
+            raise ConfigError(f"stream state is for another stream ({str(state)[:80]})")
+        for key in ("seed", "epoch", "shard_pos", "row_pos", "batch_size"):
+            value = state.get(key, self.batch_size if key == "batch_size" else None)
+            if type(value) is not int or (value < 0 and key != "seed") or (key == "batch_size" and value == 0) \
+                    or (key == "shard_pos" and value >= self.n_shards):
+                raise ConfigError(f"stream state: {key} {str(value)[:40]!r} is not a valid position of this cache")
+        self.seed = state["seed"]
+        self.epoch, self.shard_pos, self.row_pos = state["epoch"], state["shard_pos"], state["row_pos"]
+        self.batch_size = state.get("batch_size", self.batch_size)
         self._loaded = None

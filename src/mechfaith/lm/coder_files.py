@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mechfaith.coders.coder import SparseCoder
-from mechfaith.coders.files import load_coder, read_json
+from mechfaith.coders.files import CONFIG_NAME, load_coder, read_json
+from mechfaith.coders.validate import check_fields
 from mechfaith.configs import config_from_dict
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.gpt2_transcoders import import_gpt2_transcoder
@@ -48,9 +49,11 @@ def open_coder(path: str | Path) -> CoderRef:
     if path.is_file() and path.suffix == ".pt":
         imp = import_gpt2_transcoder(path)
         return CoderRef(imp.coder, None, imp.layer, imp.input_site, imp.output_site, None, path)
-    coder = load_coder(path)
+    coder = load_coder(path)  # checks config.json, its "training" included (a JSON object or null)
     folder = path if path.is_dir() else path.parent
-    meta = read_json(folder / "config.json").get("training", {}) or {}
+    meta = read_json(folder / CONFIG_NAME).get("training") or {}
+    check_fields(folder / CONFIG_NAME, meta, {"model": "str|null", "layer": "int|null", "input_site": "str|null",
+                                              "output_site": "str|null", "corpus": "dict|null"})
     return CoderRef(coder.eval(), meta.get("model"), meta.get("layer"), meta.get("input_site"),
                     meta.get("output_site"), meta.get("corpus"), folder)
 

@@ -12,7 +12,9 @@ Layout of a checkpoint folder::
 The folder is written with :func:`mechfaith.atomic.atomic_dir`: a crash leaves the previous
 checkpoint (possibly under ``.<name>.old`` for an instant, which :func:`load_checkpoint` also
 finds) and never a half-written one. Every problem found when loading raises
-:class:`CoderFileError` naming the file and the problem.
+:class:`CoderFileError` naming the file and the problem: the JSON's field types (both checksums
+required), a step beyond the run's ``n_steps``, and every file's contents
+(:mod:`mechfaith.coders.validate`; the optimizer's state must be finite like the weights).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 from mechfaith.atomic import atomic_dir
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.files import load_coder, read_json, read_tensors, save_coder, write_tensors
+from mechfaith.coders.validate import check_fields
 from mechfaith.configs import config_from_dict, config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError, MechfaithError
 from mechfaith.jsonio import json_safe, write_json
@@ -43,6 +46,11 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 TENSORS_NAME = "state.safetensors"
 CODER_DIR = "coder"
 ADAM_FIELDS = ("step", "exp_avg", "exp_avg_sq")
+# the JSON kinds of trainer_state.json's fields (coders.validate.check_fields)
+STATE_FIELDS = {"step": "int", "tokens": "int", "train_config": "dict", "metrics": "list|null",
+                "elapsed_s": "number|null", "stream": "dict|null", "stream_tensor_keys": "list|null",
+                "optimizer_sha256": "str", "state_sha256": "str", "extra": "dict|null"}
+REQUIRED_FIELDS = ("step", "tokens", "train_config", "optimizer_sha256", "state_sha256")
 
 
 @dataclass
@@ -184,14 +192,21 @@ def load_checkpoint(folder: str | os.PathLike[str], map_location: str | torch.de
     if meta.get("format_version") != FORMAT_VERSION:
         raise CoderFileError(state_path, f"checkpoint format version {meta.get('format_version')!r} is "
                                          f"not supported (this mechfaith reads version {FORMAT_VERSION})")
-    for key in ("step", "tokens"):
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise CoderFileError(state_path, f"{key!r} must be an integer >= 0, got {value!r}")
+    check_fields(state_path, meta, STATE_FIELDS, required=REQUIRED_FIELDS)
+    for key in ("step", "tokens", "elapsed_s"):
+        if (meta.get(key) or 0) < 0:
+            raise CoderFileError(state_path, f"{key!r} must be >= 0, got {meta[key]!r}")
+    if not all(isinstance(r, dict) for r in meta.get("metrics") or []):
+        raise CoderFileError(state_path, "'metrics' must be a list of JSON objects")
+    if not all(isinstance(k, str) for k in meta.get("stream_tensor_keys") or []):
+        raise CoderFileError(state_path, "'stream_tensor_keys' must be a list of strings")
     try:
-        train_config = config_from_dict(TrainConfig, meta.get("train_config") or {})
+        train_config = config_from_dict(TrainConfig, meta["train_config"])
     except ConfigError as exc:
         raise CoderFileError(state_path, f"bad train_config: {exc}") from None
+    if meta["step"] > train_config.n_steps:
+        raise CoderFileError(state_path, f"'step' {meta['step']} is beyond the run's n_steps "
+                                         f"{train_config.n_steps}: the checkpoint is damaged")
     if not (folder / CODER_DIR).is_dir():
         raise CoderFileError(folder, f"the checkpoint has no {CODER_DIR}/ folder")
     try:
@@ -200,23 +215,18 @@ def load_checkpoint(folder: str | os.PathLike[str], map_location: str | torch.de
         raise
     except MechfaithError as exc:
         raise CoderFileError(folder / CODER_DIR, str(exc)) from None
-    optimizer_state = read_tensors(folder / OPTIMIZER_NAME, expected_sha256=meta.get("optimizer_sha256"))
-    tensors = read_tensors(folder / TENSORS_NAME, expected_sha256=meta.get("state_sha256"))
+    optimizer_state = read_tensors(folder / OPTIMIZER_NAME, expected_sha256=meta["optimizer_sha256"])
+    tensors = read_tensors(folder / TENSORS_NAME, expected_sha256=meta["state_sha256"], weights=False)
     stream_state: dict[str, Any] | None = None
     stream_json = meta.get("stream")
     if stream_json is not None:
-        if not isinstance(stream_json, dict):
-            raise CoderFileError(state_path, "'stream' must be a mapping or null")
         stream_state = dict(stream_json)
         for key in meta.get("stream_tensor_keys") or []:
             name = f"stream.{key}"
             if name not in tensors:
                 raise CoderFileError(folder / TENSORS_NAME, f"missing stream tensor {name!r}")
             stream_state[key] = tensors.pop(name)
-    metrics = meta.get("metrics") or []
-    if not isinstance(metrics, list):
-        raise CoderFileError(state_path, "'metrics' must be a list")
     return Checkpoint(folder=folder, coder=coder, train_config=train_config, step=meta["step"],
                       tokens=meta["tokens"], optimizer_state=optimizer_state, tensors=tensors,
-                      stream_state=stream_state, metrics=metrics,
+                      stream_state=stream_state, metrics=meta.get("metrics") or [],
                       elapsed_s=float(meta.get("elapsed_s") or 0.0), extra=meta.get("extra") or {})

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from mechfaith.atomic import write_text_atomic
 from mechfaith.errors import ConfigError, InputError, TrainingDiverged
-from mechfaith.jsonio import json_safe
+from mechfaith.jsonio import json_safe, loads_json
 from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.streams import BatchStream, as_stream
 
@@ -167,9 +167,9 @@ class EngineMember:
         if resumed and self.log_path.is_file():
             for line in self.log_path.read_text(encoding="utf-8").splitlines():
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn line (cannot happen with whole-line writes, but be safe)
+                    rec = loads_json(line)
+                except InputError:
+                    continue  # a torn or damaged line (cannot happen with whole-line writes, but be safe)
                 if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step_count:
                     kept.append(line)
         # keep only what the checkpoint has seen, so a resumed run's log has each step once
@@ -293,7 +293,18 @@ class Engine:
                 stream.load_state_dict(pending)
             for m in self.members:
                 m.pending_stream_state = None
+            self._replace_earlier_checkpoints(stream)
         return bool(resume)
+
+    def _replace_earlier_checkpoints(self, stream: BatchStream) -> None:
+        """A fresh run whose checkpoint folder holds an earlier run's checkpoint replaces it with its
+        own step-0 checkpoint at once: its log is cut at the start, so the earlier checkpoint would
+        no longer match the log, and a run diverging before its first checkpoint would leave it to be
+        resumed as if it were this run's."""
+        if any(m.step_count == 0 and m.checkpoint_dir is not None and ckpt.is_checkpoint(m.checkpoint_dir)
+               for m in self.members):
+            log.info("replacing the earlier run's checkpoint with this fresh run's")
+            self._checkpoint_all(stream)
 
     def _checkpoint_all(self, stream: BatchStream) -> None:
         for m in self.members:

@@ -75,6 +75,20 @@ def _check_state(state: dict[str, Any], kind: str, keys: Iterable[str]) -> None:
     missing = [k for k in keys if k not in state]
     if missing:
         raise ConfigError(f"{kind}: the saved stream state lacks {', '.join(missing)}")
+    for key in keys:  # counters are integers >= 0, generator states byte tensors
+        value = state[key]
+        if key == "generator":
+            if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
+                raise ConfigError(f"{kind}: the saved generator state is not a byte tensor")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{kind}: the saved {key} must be an integer >= 0, got {str(value)[:40]!r}")
+
+
+def _set_generator(generator: torch.Generator, state: Tensor, kind: str) -> None:
+    try:
+        generator.set_state(state)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{kind}: the saved generator state does not fit ({str(exc).splitlines()[0]})") from None
 
 
 class TensorStream:
@@ -146,16 +160,18 @@ class TensorStream:
                 raise ConfigError(f"TensorStream: the saved state is for {key} = {state[key]}, "
                                   f"this stream has {getattr(self, key)}")
         epoch, position = int(state["epoch"]), int(state["position"])
+        if position > self.n_rows:
+            raise ConfigError(f"TensorStream: the saved position {position} is beyond the {self.n_rows} rows")
         if epoch > 0:
             epoch_gen = state.get("epoch_generator")
             if not isinstance(epoch_gen, Tensor):
                 raise ConfigError("TensorStream: the saved state lacks the epoch's generator state")
-            self.generator.set_state(epoch_gen)
+            _set_generator(self.generator, epoch_gen, "TensorStream")
             self._epoch_gen_state = epoch_gen.clone()
             self._order = self._new_order()
         else:
             self._epoch_gen_state, self._order = None, None
-        self.generator.set_state(state["generator"])
+        _set_generator(self.generator, state["generator"], "TensorStream")
         self.epoch, self.position = epoch, position
 
 
@@ -195,7 +211,7 @@ class FunctionStream:
         if state["batch_size"] != self.batch_size:
             raise ConfigError(f"FunctionStream: the saved state is for batch_size = "
                               f"{state['batch_size']}, this stream has {self.batch_size}")
-        self.generator.set_state(state["generator"])
+        _set_generator(self.generator, state["generator"], "FunctionStream")
         self.batches = int(state["batches"])
 
 

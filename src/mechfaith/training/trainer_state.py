@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mechfaith.atomic import clean_stale_temps
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError, TrainingDiverged
 from mechfaith.training import checkpoint as ckpt
@@ -58,7 +59,11 @@ def load_trainer_state(trainer: "Trainer", folder: str | Path | None = None,
     folder = Path(folder) if folder is not None else trainer.checkpoint_dir
     if folder is None:
         raise ConfigError("no checkpoint folder given")
+    clean_stale_temps(folder)  # what an interrupted checkpoint write left beside it
     c = ckpt.load_checkpoint(folder)
+    if c.step > trainer.n_steps:
+        raise ConfigError(f"the checkpoint in {c.folder} is at step {c.step}, beyond this run's n_steps "
+                          f"{trainer.n_steps}: resume with n_steps >= {c.step}, or start afresh")
     if c.coder.cfg != trainer.coder.cfg:
         raise ConfigError(f"the checkpoint in {c.folder} holds a coder with another "
                           f"configuration ({config_to_dict(c.coder.cfg)}) than the one being "
@@ -73,8 +78,10 @@ def load_trainer_state(trainer: "Trainer", folder: str | Path | None = None,
         if key not in c.tensors:
             raise CoderFileError(where, f"missing tensor {key!r}")
     since = c.tensors["dead.tokens_since_fired"]
-    if since.shape != (trainer.coder.n_latents,):
-        raise CoderFileError(where, f"dead.tokens_since_fired has shape {tuple(since.shape)}")
+    if since.shape != (trainer.coder.n_latents,) or since.is_floating_point() or since.dtype == torch.bool \
+            or (since.numel() and int(since.min()) < 0):
+        raise CoderFileError(where, f"dead.tokens_since_fired must be {trainer.coder.n_latents} integers >= 0, "
+                                    f"got {str(since.dtype).replace('torch.', '')} {tuple(since.shape)}")
     with torch.no_grad():
         trainer.coder.load_state_dict(c.coder.state_dict())
     ckpt.restore_adam_state(trainer.optimizer, trainer.param_names, c.optimizer_state,
