@@ -37,6 +37,7 @@ from torch import Tensor
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import read_json, read_tensors
+from mechfaith.coders.validate import check_fields, check_tensor, require_dict
 from mechfaith.configs import config_from_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.lm.saelens_format import (
@@ -60,6 +61,12 @@ log = logging.getLogger(__name__)
 LEGACY_MECHFAITH = {"topk_transcoder": "transcoder", "topk_skip_transcoder": "skip_transcoder"}
 PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
                 "activation_fn_str": "activation_fn"}
+CFG_FIELDS = {"architecture": "str|null", "k": "int|null", "activation_fn_str": "str|null",
+              "activation_fn": "str|null", "activation_fn_kwargs": "dict|null", "hook_name": "str|null",
+              "hook_name_out": "str|null", "hook_point": "str|null", "out_hook_point": "str|null",
+              "apply_b_dec_to_input": "bool|null", "metadata": "dict|null", "d_in": "int|null",
+              "d_sae": "int|null", "d_out": "int|null"}
+META_FIELDS = {"model_name": "str|null", "hook_name": "str|null", "hook_name_out": "str|null"}
 META_KEYS = ("model_name", "hook_name", "hook_head_index", "hook_name_out", "hook_head_index_out",
              "prepend_bos", "context_size", "sae_lens_version", "sae_lens_training_version")
 
@@ -274,14 +281,17 @@ def import_saelens(folder: str | os.PathLike[str]) -> ImportedCoder:
     cfg_path, weights_path = folder / SAELENS_CFG, folder / SAELENS_WEIGHTS
     if not cfg_path.is_file():
         raise CoderFileError(folder, f"no {SAELENS_CFG}: not a SAELens folder")
-    raw = read_json(cfg_path)
-    if not isinstance(raw, dict):
-        raise CoderFileError(cfg_path, "expected a JSON object")
+    raw = require_dict(cfg_path, read_json(cfg_path))
+    check_fields(cfg_path, raw, CFG_FIELDS)
+    if isinstance(raw.get("metadata"), dict):
+        check_fields(cfg_path, raw["metadata"], META_FIELDS)
     view = saelens_view(raw, cfg_path)
     _check_flags(view, cfg_path)
     tensors = read_tensors(weights_path)
     _check_tensors(view["architecture"], tensors, weights_path)
     _check_shapes(view, tensors, weights_path)
+    if "threshold" in tensors:  # SAELens's JumpReLU thresholds; a negative one would be clamped silently
+        check_tensor(weights_path, "threshold", tensors["threshold"], min_value=0.0)
     state = saelens_state(view, tensors)
     if not all(math.isfinite(float(v.abs().max())) for v in state.values() if v.numel()):
         raise CoderFileError(weights_path, "the weights hold NaN or infinite values")
