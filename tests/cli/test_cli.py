@@ -267,3 +267,14 @@ def test_errors_are_one_line_on_stderr_never_a_traceback(tmp_path: Path) -> None
         assert want_text in lines[0], (name, stderr)
     assert json.loads((out / "train.json").read_text())["status"] == "diverged"
     assert not (out / "coder").exists()  # a diverged run saves no coder
+
+
+def test_deeply_nested_json_config_is_refused_in_one_line(tmp_path):
+    from mechfaith.cli.dataclass_args import load_config_file
+    from mechfaith.errors import ConfigError
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="nested deeper") as err:
+        load_config_file(path)
+    assert "\n" not in str(err.value)

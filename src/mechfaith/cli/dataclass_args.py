@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 from mechfaith.cli.arg_types import check_device
 from mechfaith.configs import base_type, coerce_value
 from mechfaith.errors import ConfigError
+from mechfaith.jsonio import loads_json
 
 T = TypeVar("T")
 
@@ -123,7 +123,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
         elif suffix == ".json":
-            data = json.loads(text)
+            data = loads_json(text)  # depth-capped, as every JSON mechfaith reads
         else:
             raise ConfigError(f"{path}: unknown config file type {suffix!r} (use .toml, .yaml or .json)")
     except ConfigError:
