@@ -278,3 +278,17 @@ def test_deeply_nested_json_config_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="nested deeper") as err:
         load_config_file(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_diverged_run_into_an_old_runs_folder_says_the_coder_is_not_its(tmp_path):
+    from mechfaith.cli.main import main
+
+    out = tmp_path / "run"
+    small = ["--n-steps", "20", "--d-in", "4", "--n-latents", "8", "--k", "2", "--quiet"]
+    assert main(["train", "--out", str(out), *small]) == 0
+    before = (out / "coder" / "weights.safetensors").read_bytes()
+    assert main(["train", "--out", str(out), "--lr", "1e30", *small]) == 1
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["status"] == "diverged" and summary["coder"] is None
+    assert "earlier run's coder" in summary["note"]
+    assert (out / "coder" / "weights.safetensors").read_bytes() == before  # the old coder is kept, untouched

@@ -102,6 +102,10 @@ def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> in
                "elapsed_s": result.elapsed_s, "final_metrics": result.final_metrics,
                "coder_config": config_to_dict(ccfg), "train_config": config_to_dict(tcfg),
                "task": {"name": TASK_NAME, "density": args.density}}
+    if not result.ok:  # no coder from this run; one left in the folder is an earlier run's: say so
+        summary["coder"] = None
+        if (out / "coder").exists():
+            summary["note"] = f"{out / 'coder'} is an earlier run's coder, not this run's (which diverged)"
     write_text_atomic(out / "train.json", json.dumps(summary, indent=2, default=str) + "\n")
     if not result.ok:
         raise TrainingDiverged(result.message or "loss became NaN or infinite")
