@@ -37,7 +37,7 @@ from torch import Tensor
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import read_json, read_tensors
-from mechfaith.coders.validate import check_fields, check_tensor, require_dict
+from mechfaith.coders.validate import check_fields, check_tensor, check_weights, require_dict
 from mechfaith.configs import config_from_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.lm.saelens_format import (
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 LEGACY_MECHFAITH = {"topk_transcoder": "transcoder", "topk_skip_transcoder": "skip_transcoder"}
 PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
                 "activation_fn_str": "activation_fn"}
-CFG_FIELDS = {"architecture": "str|null", "k": "int|null", "activation_fn_str": "str|null",
+CFG_FIELDS = {"architecture": "str|null", "k": "number|null", "activation_fn_str": "str|null",
               "activation_fn": "str|null", "activation_fn_kwargs": "dict|null", "hook_name": "str|null",
               "hook_name_out": "str|null", "hook_point": "str|null", "out_hook_point": "str|null",
               "apply_b_dec_to_input": "bool|null", "metadata": "dict|null", "d_in": "int|null",
@@ -287,7 +287,14 @@ def import_saelens(folder: str | os.PathLike[str]) -> ImportedCoder:
         check_fields(cfg_path, raw["metadata"], META_FIELDS)
     view = saelens_view(raw, cfg_path)
     _check_flags(view, cfg_path)
-    tensors = read_tensors(weights_path)
+    tensors = read_tensors(weights_path, weights=False)
+    # every weight under the one dtype policy, except BatchTopK's scalar topk_threshold: SAELens keeps
+    # it as a float64 running mean, and it is rounded to float32 (the coder's dtype) on purpose
+    check_weights(weights_path, {k: v for k, v in tensors.items() if k != "topk_threshold"})
+    if "topk_threshold" in tensors:
+        t = check_tensor(weights_path, "topk_threshold", tensors["topk_threshold"], rank=0, floating=False)
+        if not t.is_floating_point():
+            raise CoderFileError(weights_path, f"tensor topk_threshold has dtype {t.dtype}, expected floating point")
     _check_tensors(view["architecture"], tensors, weights_path)
     _check_shapes(view, tensors, weights_path)
     if "threshold" in tensors:  # SAELens's JumpReLU thresholds; a negative one would be clamped silently
