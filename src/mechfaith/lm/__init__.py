@@ -25,6 +25,9 @@ Modules (import them directly; none imports transformers at import time except t
 - ``saelens`` (``saelens_format``, ``saelens_read``, ``saelens_write``): SAELens folders both ways,
   every architecture SAELens has that a mechfaith coder can compute, flags honoured or refused;
   ``ImportedCoder`` (a coder with its layer and sites).
+- ``sparsify`` (``sparsify_format``, ``sparsify_read``, ``sparsify_write``, ``sparsify_run``): sparsify
+  folders and runs both ways, flags honoured or refused; a run read as a set, a set written as a run.
+- ``formats``: which format a coder's files are in (``detect_format``), for every command.
 - ``safe_unpickle``: ``safe_torch_load``, a restricted unpickler for ``torch.save`` files.
 - ``gpt2_transcoders``: the released GPT-2 transcoders (read with ``safe_torch_load``).
 - ``coder_files``: ``open_coder`` (any of those formats, with its model, layer and sites).
@@ -37,7 +40,10 @@ Modules (import them directly; none imports transformers at import time except t
 - ``distributed``: a set's layers shared among torchrun ranks (``split_layers``, ``SetRanks``: the
   exchanges through which every rank gets every rank's summaries, or every rank fails).
 - ``coder_set``: a set as every command reads it: the checked manifest (``read_set``), each layer's
-  coder folder, one layer, SAELens export of every layer, the summary ``inspect SET`` shows.
+  coder folder, one layer, SAELens export of every layer, the summary ``inspect SET`` shows (a
+  sparsify run read as a set too).
+- ``convert``: ``mechfaith convert``, a coder or a set from any readable format into mechfaith,
+  SAELens or sparsify files.
 - ``set_eval``: a set spliced in all at once, each layer alone and every prefix, against the
   zero-ablated baseline (``evaluate_set``, ``SetEvalResult`` = ``SET/eval.json``, ``lm eval SET``).
 - ``faithfulness``: the tokens and reference of the faithfulness report of an LM transcoder.

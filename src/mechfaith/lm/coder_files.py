@@ -17,9 +17,12 @@ from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.files import CONFIG_NAME, load_coder, read_json
 from mechfaith.coders.validate import check_fields
 from mechfaith.configs import config_from_dict
+from mechfaith.errors import CoderFileError
 from mechfaith.lm.corpus import CorpusConfig
+from mechfaith.lm.formats import FORMATS, detect_format
 from mechfaith.lm.gpt2_transcoders import import_gpt2_transcoder
 from mechfaith.lm.saelens import import_saelens
+from mechfaith.lm.sparsify_read import import_sparsify
 
 CODER_DIR = "coder"
 EVAL_JSON = "eval.json"
@@ -39,16 +42,16 @@ class CoderRef:
 
 
 def open_coder(path: str | Path) -> CoderRef:
-    """A mechfaith coder folder (a run folder holding ``coder/`` works too) or a SAELens folder."""
-    path = Path(path)
-    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / "config.json").is_file():
-        path = path / CODER_DIR
-    if path.is_dir() and (path / "cfg.json").is_file() and not (path / "config.json").is_file():
-        imp = import_saelens(path)
+    """The coder at ``path`` in any format mechfaith reads (module docstring)."""
+    found = detect_format(path)
+    path = found.path
+    if found.format in ("mechfaith-set", "sparsify-run"):
+        raise CoderFileError(path, f"this is a {FORMATS[found.format]}, not one coder: give one of its coder "
+                                   f"folders, or use a command that takes a set")
+    if found.format in ("saelens", "sparsify", "gpt2-pt"):
+        reader = {"saelens": import_saelens, "sparsify": import_sparsify, "gpt2-pt": import_gpt2_transcoder}
+        imp = reader[found.format](path)
         return CoderRef(imp.coder, imp.model_name, imp.layer, imp.input_site, imp.output_site, None, path)
-    if path.is_file() and path.suffix == ".pt":
-        imp = import_gpt2_transcoder(path)
-        return CoderRef(imp.coder, None, imp.layer, imp.input_site, imp.output_site, None, path)
     coder = load_coder(path)  # checks config.json, its "training" included (a JSON object or null)
     folder = path if path.is_dir() else path.parent
     meta = read_json(folder / CONFIG_NAME).get("training") or {}

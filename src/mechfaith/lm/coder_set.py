@@ -1,4 +1,5 @@
-"""A coder set (a folder with ``set.json``, written by ``lm train --layers``) for every command that
+"""A coder set (a folder with ``set.json``, written by ``lm train --layers``; or a sparsify run, one
+folder per hookpoint, read as a set by :mod:`mechfaith.lm.sparsify_run`) for every command that
 takes a coder.
 
 :func:`read_set` reads the manifest and checks it whole: every field's type
@@ -23,17 +24,21 @@ from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.coder_files import open_coder
 from mechfaith.lm.layer_set import SET_JSON, SetResult, layers_text
 from mechfaith.lm.saelens import check_saelens_exportable, export_saelens
+from mechfaith.lm.sparsify_format import is_sparsify_run
+from mechfaith.lm.sparsify_run import read_sparsify_run
 
 
 def is_coder_set(path: str | Path) -> bool:
-    """Whether ``path`` is a set folder (holds ``set.json``)."""
-    return Path(path).is_dir() and (Path(path) / SET_JSON).is_file()
+    """Whether ``path`` is a set folder (holds ``set.json``) or a sparsify run."""
+    return Path(path).is_dir() and ((Path(path) / SET_JSON).is_file() or is_sparsify_run(path))
 
 
 def read_set(folder: str | Path) -> SetResult:
     """The checked manifest of the set in ``folder`` (module docstring); one-line errors."""
     folder = Path(folder)
     path = folder / SET_JSON
+    if not path.is_file() and is_sparsify_run(folder):
+        return read_sparsify_run(folder)
     if not path.is_file():
         raise InputError(f"{folder}: no {SET_JSON} (not a coder set written by lm train --layers)")
     data = read_json(path)
@@ -134,7 +139,7 @@ def summarize_set(folder: str | Path) -> SetSummary:
     """The set in ``folder`` with every coder fully loaded (so damage anywhere is detected)."""
     folder = Path(folder)
     manifest = read_set(folder)
-    runs = {r.layer: r for r in manifest.runs}
+    runs = {r.layer: r for r in manifest.runs}  # one per layer (imported coders': no steps, no metrics)
     per_layer = []
     for l, path in set_coder_folders(folder, manifest).items():
         coder = open_coder(path).coder
@@ -143,8 +148,8 @@ def summarize_set(folder: str | Path) -> SetSummary:
             layer=l, coder=manifest.coders[str(l)], kind=cfg.kind, activation=cfg.activation,
             k=cfg.k if cfg.activation in ("topk", "batchtopk") else None, n_latents=cfg.n_latents,
             d_in=coder.d_in, d_out=coder.d_out, skip=bool(cfg.skip), n_parameters=sum(p.numel() for p in coder.parameters()),
-            steps=runs[l].steps, train_fve=_metric(metrics, "fve"), train_l0=_metric(metrics, "l0"),
-            train_dead_fraction=_metric(metrics, "dead_frac")))
+            steps=None if runs[l].status == "imported" else runs[l].steps, train_fve=_metric(metrics, "fve"),
+            train_l0=_metric(metrics, "l0"), train_dead_fraction=_metric(metrics, "dead_frac")))
     return SetSummary(path=str(folder), model=manifest.model, layers=manifest.layers, input_site=manifest.input_site,
                       output_site=manifest.output_site, activations=manifest.activations,
                       train_seconds=manifest.train_seconds, total_seconds=manifest.total_seconds, per_layer=per_layer)

@@ -103,6 +103,9 @@ def evaluate_set(folder: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
     """Splice the set in ``folder`` (module docstring); write ``eval.json`` (default: in the set)."""
     folder = Path(folder)
     manifest = read_set(folder)
+    if not manifest.model:
+        raise ConfigError(f"{folder}: the set does not name its model (a sparsify run names it in its "
+                          f"config.json, as sparsify's command line writes it)")
     refs = {l: open_coder(path) for l, path in set_coder_folders(folder, manifest).items()}
     cfg = dataclasses.replace(cfg or LMConfig(), model=manifest.model)
     lm = get_model(cfg)

@@ -1,0 +1,112 @@
+"""Which format a coder's files are in, told from the files themselves (:func:`detect_format`).
+
+Recognised (:data:`FORMATS`): a mechfaith coder folder (``config.json`` + ``weights.safetensors``;
+a ``train`` run folder holding ``coder/`` too), a mechfaith coder set (``set.json``), a SAELens
+folder (``cfg.json`` + ``sae_weights.safetensors``), a sparsify folder (``cfg.json`` +
+``sae.safetensors``), a sparsify run (sub-folders that are sparsify folders, one per hookpoint)
+and a legacy GPT-2 transcoder ``.pt``. One of the folder's files may be given for the folder.
+A ``cfg.json`` without either weights file is told by its fields (SAELens's ``d_sae``,
+``architecture``, ``hook_name``...; sparsify's ``num_latents``, ``expansion_factor``,
+``transcode``...), so that the error names the missing file of the right format. Anything else is
+one :class:`~mechfaith.errors.CoderFileError` line listing the recognised formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, read_json
+from mechfaith.errors import CoderFileError, MechfaithError
+from mechfaith.lm.saelens_format import SAELENS_CFG, SAELENS_WEIGHTS
+from mechfaith.lm.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_run
+
+SET_JSON = "set.json"  # mechfaith.lm.layer_set.SET_JSON (that module imports this one's users)
+RUN_CODER_DIR = "coder"  # mechfaith.lm.coder_files.CODER_DIR: a train run folder's coder
+
+FORMATS = {
+    "mechfaith": f"mechfaith coder folder ({CONFIG_NAME} + {WEIGHTS_NAME}, or a run folder holding coder/)",
+    "mechfaith-set": f"mechfaith coder set ({SET_JSON})",
+    "saelens": f"SAELens folder ({SAELENS_CFG} + {SAELENS_WEIGHTS})",
+    "sparsify": f"sparsify folder ({SAELENS_CFG} + {SPARSIFY_WEIGHTS})",
+    "sparsify-run": "sparsify run (one sparsify folder per hookpoint)",
+    "gpt2-pt": "legacy GPT-2 transcoder (.pt)",
+}
+SET_FORMATS = ("mechfaith-set", "sparsify-run")
+SAELENS_FIELDS = ("d_sae", "architecture", "hook_name", "hook_point", "sae_lens_version", "metadata",
+                  "apply_b_dec_to_input")
+SPARSIFY_FIELDS = ("num_latents", "expansion_factor", "transcode", "skip_connection", "multi_topk",
+                   "normalize_decoder")
+FILE_NAMES = {CONFIG_NAME: "mechfaith", WEIGHTS_NAME: "mechfaith", SAELENS_WEIGHTS: "saelens",
+              SPARSIFY_WEIGHTS: "sparsify", SET_JSON: "mechfaith-set"}
+
+
+@dataclass(frozen=True)
+class Detected:
+    """A format and the path to read it from (the folder, for a file of a folder)."""
+
+    format: str
+    path: Path
+
+
+def recognised() -> str:
+    """The recognised formats, for error messages."""
+    return "; ".join(FORMATS.values())
+
+
+def _cfg_json_format(folder: Path) -> str | None:
+    """SAELens or sparsify from ``cfg.json``'s files beside it, else from its fields."""
+    if (folder / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (folder / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify"
+    try:
+        data = read_json(folder / SAELENS_CFG)
+    except MechfaithError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if any(k in data for k in SAELENS_FIELDS):
+        return "saelens"
+    if any(k in data for k in SPARSIFY_FIELDS):
+        return "sparsify"
+    return None
+
+
+def _folder_format(folder: Path) -> Detected | None:
+    if (folder / SET_JSON).is_file():
+        return Detected("mechfaith-set", folder)
+    if (folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
+        if is_sparsify_run(folder):  # sparsify's trainer writes the run's config.json beside them
+            return Detected("sparsify-run", folder)
+        return Detected("mechfaith", folder)
+    if (folder / SAELENS_CFG).is_file():
+        found = _cfg_json_format(folder)
+        return Detected(found, folder) if found else None
+    if is_sparsify_run(folder):
+        return Detected("sparsify-run", folder)
+    if (folder / RUN_CODER_DIR).is_dir():
+        return Detected("mechfaith", folder / RUN_CODER_DIR)
+    return None
+
+
+def detect_format(path: str | Path) -> Detected:
+    """The format of the coder (or set) at ``path`` (module docstring)."""
+    p = Path(path)
+    if not p.exists():
+        raise CoderFileError(p, "no such file or folder")
+    found: Detected | None
+    if p.is_file():
+        if p.suffix == ".pt":
+            found = Detected("gpt2-pt", p)
+        elif p.name == SAELENS_CFG:
+            fmt = _cfg_json_format(p.parent)
+            found = Detected(fmt, p.parent) if fmt else None
+        else:
+            fmt = FILE_NAMES.get(p.name)
+            found = Detected(fmt, p.parent) if fmt else None
+    else:
+        found = _folder_format(p)
+    if found is None:
+        raise CoderFileError(p, f"not a coder in a format mechfaith reads (recognised: {recognised()})")
+    return found
