@@ -1,6 +1,9 @@
 """``mechfaith inspect PATH``: what a saved coder holds (config, tensors, training summary).
 
-For a set folder (``set.json``, from ``lm train --layers``): the model, layers and sites, and per
+PATH may be in any format mechfaith reads (a SAELens or sparsify folder, a legacy GPT-2 ``.pt``:
+shown as the mechfaith coder it reads as, with its model, layer and sites).
+
+For a set folder (``set.json``, from ``lm train --layers``; or a sparsify run): the model, layers and sites, and per
 layer its coder (kind, activation, latents, shapes, parameters; every coder is fully loaded, so
 damage anywhere is reported) with its final training FVE, L0 and dead fraction from the manifest.
 """
@@ -18,13 +21,18 @@ from mechfaith.reports.values import fmt_value
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("inspect", help="print a saved coder's config, shapes and training summary",
                               description=__doc__)
-    p.add_argument("path", help=f"a coder folder (or its {CONFIG_NAME} / {WEIGHTS_NAME}), or a set folder (set.json)")
+    p.add_argument("path", help=f"a coder folder (or its {CONFIG_NAME} / {WEIGHTS_NAME}), a set folder (set.json), "
+                                f"or a coder or run in another format mechfaith reads (SAELens, sparsify, .pt)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
 
 
 def describe(path: str) -> dict[str, Any]:
     """A JSON-safe description of the coder at ``path`` (fully loaded, so damage is detected)."""
+    from mechfaith.lm.formats import detect_format
+
+    if detect_format(path).format != "mechfaith":
+        return describe_foreign(path)
     folder = resolve_coder_folder(path)
     meta = read_coder_meta(folder)
     coder = load_coder(folder)
@@ -36,21 +44,41 @@ def describe(path: str) -> dict[str, Any]:
             "training": meta.get("training", {})}
 
 
+def describe_foreign(path: str) -> dict[str, Any]:
+    """:func:`describe` of a coder in another format: the mechfaith coder it reads as."""
+    from mechfaith.configs import config_to_dict
+    from mechfaith.lm.coder_files import open_coder
+    from mechfaith.lm.formats import detect_format
+
+    found = detect_format(path)
+    ref = open_coder(found.path)
+    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+               for k, v in ref.coder.state_dict().items()}
+    return {"path": str(found.path), "format": found.format, "format_version": None,
+            "config": config_to_dict(ref.coder.cfg), "tensors": tensors,
+            "n_parameters": sum(p.numel() for p in ref.coder.parameters()),
+            "training": {"model": ref.model, "layer": ref.layer, "input_site": ref.input_site,
+                         "output_site": ref.output_site}}
+
+
 def run_set(args: argparse.Namespace) -> int:
     """``inspect SET``: the set's summary (:func:`~mechfaith.lm.coder_set.summarize_set`)."""
     import dataclasses
 
     from mechfaith.lm.coder_set import summarize_set
+    from mechfaith.lm.formats import detect_format
     from mechfaith.lm.layer_set import SET_FORMAT, layers_text
 
     info = summarize_set(args.path)
+    fmt = SET_FORMAT if detect_format(args.path).format == "mechfaith-set" else "sparsify run"
     if args.json:
-        print(json.dumps({"format": SET_FORMAT, **dataclasses.asdict(info)}, indent=2, default=str))
+        print(json.dumps({"format": fmt, **dataclasses.asdict(info)}, indent=2, default=str))
         return 0
-    print(f"{info.path}  ({SET_FORMAT}: {len(info.layers)} layers of {info.model}, {info.input_site} -> "
-          f"{info.output_site})")
-    print(f"  layers {layers_text(info.layers)}; trained together in {info.train_seconds:.1f} s "
-          f"(total {info.total_seconds:.1f} s); activations {info.activations}")
+    print(f"{info.path}  ({fmt}: {len(info.layers)} layers of {info.model or 'an unnamed model'}, "
+          f"{info.input_site} -> {info.output_site})")
+    trained = (f"trained together in {info.train_seconds:.1f} s (total {info.total_seconds:.1f} s)"
+               if fmt == SET_FORMAT else "not trained by mechfaith")
+    print(f"  layers {layers_text(info.layers)}; {trained}; activations {info.activations}")
     print("  layer  coder                     kind        activation   latents  d_in->d_out  skip     steps  "
           "train FVE  L0     dead")
     for r in info.per_layer:
@@ -72,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     cfg = info["config"]
-    print(f"{info['path']}  ({info['format']} v{info['format_version']})")
+    version = f" v{info['format_version']}" if info["format_version"] is not None else " files, read as a mechfaith coder"
+    print(f"{info['path']}  ({info['format']}{version})")
     print(f"  {cfg['kind']}: {cfg['d_in']} -> {cfg['n_latents']} latents -> {cfg['d_out']}, "
           f"activation {cfg['activation']}" + (f" (k={cfg['k']})" if cfg["activation"] in ("topk", "batchtopk") else "")
           + (", skip" if cfg.get("skip") else "") + f", decoder norm {cfg['decoder_norm']}")

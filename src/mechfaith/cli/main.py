@@ -21,7 +21,7 @@ from mechfaith import __version__
 from mechfaith.errors import MechfaithError, TrainingDiverged
 
 COMMAND_MODULES: tuple[str, ...] = ("toy", "train", "inspect_cmd", "lm", "faithfulness", "circuit",
-                                    "graph", "intervene", "dashboard")
+                                    "graph", "intervene", "dashboard", "convert")
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 1

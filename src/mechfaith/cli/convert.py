@@ -1,0 +1,42 @@
+"""``mechfaith convert SRC --to FORMAT --out DST``: a coder or a set from any format mechfaith reads
+into mechfaith, SAELens or sparsify files.
+
+SRC (told from its files): a mechfaith coder folder or run folder, a mechfaith set (set.json), a
+SAELens folder, a sparsify folder or run, a legacy GPT-2 transcoder .pt. FORMAT: mechfaith,
+saelens or sparsify (circuit-tracer and dictionary-learning: not yet supported). A set becomes a
+set: a mechfaith set, one SAELens folder per layer (DST/L<l>/) or a sparsify run
+(DST/<hookpoint>/). What the target cannot hold is refused in one line, nothing written. DST is
+written whole, only when it is new, empty, or a conversion of the same kind written before.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+FORMAT_CHOICES = ("mechfaith", "saelens", "sparsify", "circuit-tracer", "dictionary-learning")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("convert", help="convert a coder or a set between mechfaith, SAELens and sparsify files",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SRC", help="a coder or set in any format mechfaith reads")
+    p.add_argument("--to", required=True, choices=FORMAT_CHOICES, metavar="FORMAT",
+                   help=f"the format to write: {', '.join(FORMAT_CHOICES)}")
+    p.add_argument("--out", required=True, metavar="DST", help="the folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mechfaith.lm.convert import convert
+    from mechfaith.lm.formats import FORMATS
+    from mechfaith.lm.layer_set import layers_text
+
+    r = convert(args.source, args.to, args.out)
+    source = FORMATS[r.source_format]
+    if r.folders:
+        print(f"wrote a {r.target} set of layers {layers_text(r.folders)} in {r.out} from the {source} {r.source}")
+    else:
+        layer = "" if r.layer is None else f", layer {r.layer}"
+        print(f"wrote {r.target} folder {r.out} ({r.kind}{layer}) from the {source} {r.source}")
+    return 0

@@ -1,0 +1,119 @@
+"""``mechfaith convert``: a coder, or a set, from any format mechfaith reads
+(:func:`~mechfaith.lm.formats.detect_format`) into mechfaith, SAELens or sparsify files.
+
+- One coder (a mechfaith, SAELens or sparsify folder, a legacy GPT-2 ``.pt``) becomes one folder:
+  a mechfaith coder folder, a SAELens folder or a sparsify folder, with its model, layer and sites.
+- A set (a mechfaith ``set.json`` folder or a sparsify run) becomes a set: a mechfaith set
+  (``set.json`` + ``layers/L<l>/coder``), one SAELens folder per layer (``OUT/L<l>/``, as
+  ``lm export SET``) or a sparsify run (``OUT/<hookpoint>/``).
+
+What the target cannot hold is refused in one line before anything is written (SAELens has no
+TopK transcoder; sparsify holds TopK coders only). ``OUT`` is written whole and atomically, and
+only when it is new, empty, or a conversion of the same kind written before
+(:func:`~mechfaith.atomic.check_replaceable`); it may neither be ``SRC`` nor hold it nor lie in it.
+circuit-tracer and dictionary_learning files are not written yet (one line, nothing written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from mechfaith.atomic import atomic_dir, check_replaceable
+from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, save_coder
+from mechfaith.errors import ConfigError
+from mechfaith.jsonio import json_safe, write_json
+from mechfaith.lm.coder_files import CODER_DIR, CoderRef, open_coder
+from mechfaith.lm.coder_set import export_set_saelens, read_set, set_coder_folders
+from mechfaith.lm.formats import FORMATS, SET_FORMATS, detect_format
+from mechfaith.lm.layer_set import LAYERS_DIR, SET_JSON, SetResult
+from mechfaith.lm.saelens import SAELENS_CFG, SAELENS_WEIGHTS, export_saelens
+from mechfaith.lm.sparsify import SPARSIFY_CFG, SPARSIFY_WEIGHTS, export_set_sparsify, export_sparsify
+
+TARGETS = ("mechfaith", "saelens", "sparsify")
+NOT_YET = ("circuit-tracer", "dictionary-learning")
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` read and wrote."""
+
+    source: Path
+    source_format: str  # a key of mechfaith.lm.formats.FORMATS
+    target: str  # one of TARGETS
+    out: Path
+    kind: str  # the coder's kind and activation, or "set"
+    layer: int | None  # one coder's layer
+    folders: dict[int, Path]  # a set: each layer's written folder
+
+
+def check_apart(src: Path, out: Path) -> None:
+    """Refuse an ``OUT`` that is ``SRC``, holds it or lies in it (replacing it whole would lose ``SRC``)."""
+    a, b = src.resolve(), out.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise ConfigError(f"--out {out} overlaps the source {src}: give --out a folder outside it")
+
+
+def convert(src: str | Path, to: str, out: str | Path) -> ConvertResult:
+    """Convert the coder or set at ``src`` into ``to``'s files in ``out`` (module docstring)."""
+    if to in NOT_YET:
+        raise ConfigError(f"--to {to}: not yet supported (mechfaith converts to {', '.join(TARGETS)})")
+    if to not in TARGETS:
+        raise ConfigError(f"--to {to!r}: unknown format (mechfaith converts to {', '.join(TARGETS)})")
+    found = detect_format(src)
+    out = Path(out)
+    check_apart(Path(src), out)
+    if found.format in SET_FORMATS:
+        return convert_set(found.path, found.format, to, out)
+    ref = open_coder(found.path)
+    cfg = ref.coder.cfg
+    kind = f"{cfg.activation} {cfg.kind}" + (" with a skip" if cfg.skip else "")
+    if to == "mechfaith":
+        check_replaceable(out, (CONFIG_NAME, WEIGHTS_NAME), "mechfaith coder folder")
+        save_coder(ref.coder, out, training=imported_training(ref, f"converted from {src} ({FORMATS[found.format]})"))
+    elif to == "saelens":
+        check_replaceable(out, (SAELENS_CFG, SAELENS_WEIGHTS), "SAELens folder")
+        export_saelens(ref.coder, out, layer=ref.layer, input_site=ref.input_site or "mlp_in",
+                       output_site=ref.output_site or "mlp_out", model_name=ref.model or "")
+    else:
+        check_replaceable(out, (SPARSIFY_CFG, SPARSIFY_WEIGHTS), "sparsify folder")
+        export_sparsify(ref.coder, out, layer=ref.layer, input_site=ref.input_site, output_site=ref.output_site,
+                        model_name=ref.model)
+    return ConvertResult(Path(src), found.format, to, out, kind, ref.layer, {})
+
+
+def imported_training(ref: CoderRef, source: str) -> dict[str, object]:
+    """The ``training`` metadata of a coder written from another one's files."""
+    return json_safe({"source": source, "model": ref.model, "layer": ref.layer, "input_site": ref.input_site,
+                      "output_site": ref.output_site, "corpus": ref.corpus})
+
+
+def convert_set(folder: Path, source_format: str, to: str, out: Path) -> ConvertResult:
+    """A set (a mechfaith set or a sparsify run) as a set in ``to``'s files."""
+    manifest = read_set(folder)
+    if to == "saelens":
+        written = export_set_saelens(folder, out)
+    else:
+        refs = {l: open_coder(p) for l, p in set_coder_folders(folder, manifest).items()}
+        if to == "sparsify":
+            written = export_set_sparsify(refs, out, manifest.model or None)
+        else:
+            written = write_mechfaith_set(manifest, refs, out, f"converted from {folder} ({FORMATS[source_format]})")
+    return ConvertResult(folder, source_format, to, out, "set", None, written)
+
+
+def write_mechfaith_set(manifest: SetResult, refs: dict[int, CoderRef], out: Path, source: str) -> dict[int, Path]:
+    """``refs`` as a mechfaith set in ``out`` (``set.json`` + ``layers/L<l>/coder``), the manifest's
+    model, sites and training summaries kept; all or nothing."""
+    check_replaceable(out, (SET_JSON, LAYERS_DIR), "coder set")
+    coders = {l: str(Path(LAYERS_DIR) / f"L{l}" / CODER_DIR) for l in refs}
+    runs = [dataclasses.replace(r, coder_folder=str(out / coders[r.layer])) for r in manifest.runs]
+    result = dataclasses.replace(manifest, coders={str(l): c for l, c in coders.items()}, runs=runs)
+    with atomic_dir(out) as tmp:
+        for l, ref in refs.items():
+            model = ref.model or manifest.model or None
+            ref = dataclasses.replace(ref, model=model, layer=l)
+            save_coder(ref.coder, tmp / coders[l], training=imported_training(ref, source))
+        write_json(tmp / SET_JSON, result.to_json())
+    return {l: out / c for l, c in coders.items()}
