@@ -57,8 +57,9 @@ def sparsify_cfg(cfg: CoderConfig) -> dict[str, Any]:
     """``cfg.json`` as sparsify writes it for a coder of ``cfg``."""
     n, d = cfg.n_latents, cfg.d_in
     return {"activation": "topk", "expansion_factor": n // d if n % d == 0 else 32,
-            "normalize_decoder": cfg.decoder_norm == "unit" or cfg.kind == "transcoder", "num_latents": n, "k": cfg.k, "multi_topk": False,
-            "skip_connection": bool(cfg.skip), "transcode": cfg.kind == "transcoder", "d_in": d}
+            "normalize_decoder": cfg.decoder_norm == "unit" or cfg.kind == "transcoder", "num_latents": n,
+            "k": cfg.k, "multi_topk": False, "skip_connection": bool(cfg.skip), "transcode": cfg.kind == "transcoder",
+            "d_in": d}
 
 
 def export_sparsify(coder: SparseCoder, folder: str | os.PathLike[str], *, layer: int | None = None,
