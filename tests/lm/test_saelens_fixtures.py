@@ -5,7 +5,6 @@ be visibly wrong) or refused in one line naming it, and mechfaith's exports carr
 writes. Needs no SAELens."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from mechfaith.coders import activations as acts
 from mechfaith.errors import CoderFileError
 from mechfaith.lm.saelens import READ_ARCHITECTURES, REFUSED, export_saelens, import_saelens
 from mechfaith.lm.saelens_format import is_saelens_6
+from tests.lm.fixture_copies import edited_copy
 
 torch.set_num_threads(1)
 
@@ -40,16 +40,7 @@ def _cfg(name):
 
 def _edited(tmp_path, name, change=None, tensors=None):
     """A copy of fixture ``name`` with its cfg.json changed by ``change`` (and its tensors by ``tensors``)."""
-    folder = shutil.copytree(FIXTURES / name, tmp_path / name)
-    cfg = _cfg(name)
-    if change:
-        change(cfg)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    if tensors:
-        t = load_file(str(folder / "sae_weights.safetensors"))
-        tensors(t)
-        save_file(t, str(folder / "sae_weights.safetensors"))
-    return folder
+    return edited_copy(FIXTURES / name, tmp_path / name, "sae_weights.safetensors", change, tensors)
 
 
 def test_fixtures_cover_every_architecture_read_and_refused():

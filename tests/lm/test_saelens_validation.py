@@ -3,30 +3,20 @@ in one line naming the file, never a traceback and never a silently changed comp
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mechfaith.errors import CoderFileError
 from mechfaith.lm.saelens import import_saelens
+from tests.lm.fixture_copies import edited_copy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "saelens"
 
 
-def _copy(tmp_path: Path, name: str) -> Path:
-    out = tmp_path / name
-    shutil.copytree(FIXTURES / name, out)
-    return out
-
-
-def _edit_cfg(folder: Path, change) -> None:
-    cfg = json.loads((folder / "cfg.json").read_text())
-    change(cfg)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
+def _copy(tmp_path: Path, name: str, change=None, tensors=None) -> Path:
+    return edited_copy(FIXTURES / name, tmp_path / name, "sae_weights.safetensors", change, tensors)
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -37,28 +27,23 @@ def _edit_cfg(folder: Path, change) -> None:
     (lambda c: c.update(d_in="16"), "'d_in' must be"),
 ])
 def test_wrong_types_in_cfg_are_one_line(tmp_path, change, problem):
-    folder = _copy(tmp_path, "topk")
-    _edit_cfg(folder, change)
+    folder = _copy(tmp_path, "topk", change)
     with pytest.raises(CoderFileError, match=problem) as err:
         import_saelens(folder)
     assert "\n" not in str(err.value) and "cfg.json" in str(err.value)
 
 
 def test_negative_jumprelu_threshold_is_refused_not_clamped(tmp_path):
-    folder = _copy(tmp_path, "jumprelu")
-    weights = load_file(folder / "sae_weights.safetensors")
-    weights["threshold"] = weights["threshold"].clone()
-    weights["threshold"][3] = -0.5
-    save_file(weights, folder / "sae_weights.safetensors")
+    def negative(t):
+        t["threshold"] = t["threshold"].clone()
+        t["threshold"][3] = -0.5
+    folder = _copy(tmp_path, "jumprelu", tensors=negative)
     with pytest.raises(CoderFileError, match="threshold holds values below 0"):
         import_saelens(folder)
 
 
 def test_rank_one_encoder_is_refused(tmp_path):
-    folder = _copy(tmp_path, "standard")
-    weights = load_file(folder / "sae_weights.safetensors")
-    weights["W_enc"] = weights["W_enc"].reshape(-1).contiguous()
-    save_file(weights, folder / "sae_weights.safetensors")
+    folder = _copy(tmp_path, "standard", tensors=lambda t: t.update(W_enc=t["W_enc"].reshape(-1).contiguous()))
     with pytest.raises(CoderFileError, match="2-D|dimension"):
         import_saelens(folder)
 

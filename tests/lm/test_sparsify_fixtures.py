@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mechfaith.coders import CoderConfig, SparseCoder
 from mechfaith.errors import CoderFileError, ConfigError, InputError
@@ -25,6 +25,7 @@ from mechfaith.lm.sparsify import (
     parse_hookpoint,
     read_sparsify_run,
 )
+from tests.lm.fixture_copies import edited_copy
 
 torch.set_num_threads(1)
 
@@ -41,16 +42,7 @@ def _cfg(name):
 
 def _edited(tmp_path, name, change=None, tensors=None):
     """A copy of fixture ``name`` with its cfg.json changed by ``change`` (and its tensors by ``tensors``)."""
-    folder = shutil.copytree(FIXTURES / name, tmp_path / Path(name).name)
-    cfg = _cfg(name)
-    if change:
-        change(cfg)
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    if tensors:
-        t = load_file(str(folder / "sae.safetensors"))
-        tensors(t)
-        save_file(t, str(folder / "sae.safetensors"))
-    return folder
+    return edited_copy(FIXTURES / name, tmp_path / Path(name).name, "sae.safetensors", change, tensors)
 
 
 def _dense(e, n):
