@@ -1,7 +1,8 @@
 """``mechfaith convert``: a coder, or a set, from any format mechfaith reads
 (:func:`~mechfaith.lm.formats.detect_format`) into mechfaith, SAELens or sparsify files.
 
-- One coder (a mechfaith, SAELens or sparsify folder, a legacy GPT-2 ``.pt``) becomes one folder:
+- One coder (a mechfaith, SAELens or sparsify folder, a dictionary_learning ``ae.pt``, a legacy
+  GPT-2 ``.pt``) becomes one folder:
   a mechfaith coder folder, a SAELens folder or a sparsify folder, with its model, layer and sites.
 - A set (a mechfaith ``set.json`` folder or a sparsify run) becomes a set: a mechfaith set
   (``set.json`` + ``layers/L<l>/coder``), one SAELens folder per layer (``OUT/L<l>/``, as

@@ -3,8 +3,10 @@
 Recognised (:data:`FORMATS`): a mechfaith coder folder (``config.json`` + ``weights.safetensors``;
 a ``train`` run folder holding ``coder/`` too), a mechfaith coder set (``set.json``), a SAELens
 folder (``cfg.json`` + ``sae_weights.safetensors``), a sparsify folder (``cfg.json`` +
-``sae.safetensors``), a sparsify run (sub-folders that are sparsify folders, one per hookpoint)
-and a legacy GPT-2 transcoder ``.pt``. One of the folder's files may be given for the folder.
+``sae.safetensors``), a sparsify run (sub-folders that are sparsify folders, one per hookpoint),
+a dictionary_learning dictionary (``ae.pt`` or a checkpoint ``ae_<step>.pt``, or a folder holding
+``ae.pt`` beside its ``config.json``) and a legacy GPT-2 transcoder ``.pt`` (any other ``.pt``).
+One of the folder's files may be given for the folder.
 A ``cfg.json`` without either weights file is told by its fields (SAELens's ``d_sae``,
 ``architecture``, ``hook_name``...; sparsify's ``num_latents``, ``expansion_factor``,
 ``transcode``...), so that the error names the missing file of the right format. Anything else is
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, read_json
 from mechfaith.errors import CoderFileError, MechfaithError
+from mechfaith.lm.dictionary_learning import DL_WEIGHTS, is_dictionary_learning_file
 from mechfaith.lm.saelens_format import SAELENS_CFG, SAELENS_WEIGHTS
 from mechfaith.lm.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_run
 
@@ -30,6 +33,7 @@ FORMATS = {
     "saelens": f"SAELens folder ({SAELENS_CFG} + {SAELENS_WEIGHTS})",
     "sparsify": f"sparsify folder ({SAELENS_CFG} + {SPARSIFY_WEIGHTS})",
     "sparsify-run": "sparsify run (one sparsify folder per hookpoint)",
+    "dictionary-learning": f"dictionary_learning dictionary ({DL_WEIGHTS}, with its config.json)",
     "gpt2-pt": "legacy GPT-2 transcoder (.pt)",
 }
 SET_FORMATS = ("mechfaith-set", "sparsify-run")
@@ -76,6 +80,8 @@ def _cfg_json_format(folder: Path) -> str | None:
 def _folder_format(folder: Path) -> Detected | None:
     if (folder / SET_JSON).is_file():
         return Detected("mechfaith-set", folder)
+    if (folder / DL_WEIGHTS).is_file():  # its config.json is not mechfaith's
+        return Detected("dictionary-learning", folder)
     if (folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
         if is_sparsify_run(folder):  # sparsify's trainer writes the run's config.json beside them
             return Detected("sparsify-run", folder)
@@ -97,7 +103,9 @@ def detect_format(path: str | Path) -> Detected:
         raise CoderFileError(p, "no such file or folder")
     found: Detected | None
     if p.is_file():
-        if p.suffix == ".pt":
+        if is_dictionary_learning_file(p):
+            found = Detected("dictionary-learning", p)
+        elif p.suffix == ".pt":
             found = Detected("gpt2-pt", p)
         elif p.name == SAELENS_CFG:
             fmt = _cfg_json_format(p.parent)
