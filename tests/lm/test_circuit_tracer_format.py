@@ -15,6 +15,10 @@ from safetensors.torch import load_file, save_file
 from mechfaith.coders import CoderConfig, SparseCoder
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.lm.circuit_tracer import export_circuit_tracer_set, is_circuit_tracer_set, read_circuit_tracer_set
+from mechfaith.lm.coder_files import open_coder
+from mechfaith.lm.coder_set import read_set, set_coder_folders
+from mechfaith.lm.convert import convert
+from mechfaith.lm.formats import Detected, detect_format
 
 torch.set_num_threads(1)
 
@@ -160,3 +164,49 @@ def test_the_readme_table_has_every_circuit_tracer_kind():
     # every cell tested, refused with its reason, or not yet; "(...)": no such thing on that side
     assert all("tested" in c or "refused: " in c or "not yet" in c or c.startswith("(") for c in cells), cells
     assert "NOT written by circuit-tracer" in text
+
+
+def test_sets_and_layer_files_are_recognised():
+    folder = FIXTURES / "jumprelu_skip"
+    assert detect_format(folder) == Detected("circuit-tracer", folder)
+    assert detect_format(folder / "config.yaml") == Detected("circuit-tracer", folder)
+    assert detect_format(folder / "layer_1.safetensors") == Detected("circuit-tracer-layer", folder / "layer_1.safetensors")
+    ref = open_coder(folder / "layer_1.safetensors")
+    assert (ref.layer, ref.input_site, ref.output_site, ref.model) == (1, "mlp_in", "mlp_out", "HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(CoderFileError, match="this is a circuit-tracer transcoder set"):
+        open_coder(folder)
+
+
+def _check_set(layers, expected):
+    with torch.no_grad():
+        for l, coder in layers.items():
+            torch.testing.assert_close(coder(expected["x"]), expected[f"out_{l}"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_convert_a_circuit_tracer_set_and_back(tmp_path, name):
+    e = load_file(str(FIXTURES / name / "expected.safetensors"))
+    r = convert(FIXTURES / name, "mechfaith", tmp_path / "set")
+    assert r.source_format == "circuit-tracer" and sorted(r.folders) == [0, 1]
+    manifest = read_set(tmp_path / "set")
+    assert manifest.layers == [0, 1] and manifest.model == "HuggingFaceTB/SmolLM2-135M"
+    assert (manifest.input_site, manifest.output_site) == ("mlp_in", "mlp_out")
+    _check_set({l: open_coder(p).coder for l, p in set_coder_folders(tmp_path / "set").items()}, e)
+    convert(FIXTURES / name, "saelens", tmp_path / "saelens")
+    _check_set({l: open_coder(tmp_path / "saelens" / f"L{l}").coder for l in (0, 1)}, e)
+    back = convert(tmp_path / "set", "circuit-tracer", tmp_path / "ct")
+    assert back.source_format == "mechfaith-set"
+    _check_set({l: c.coder for l, c in read_circuit_tracer_set(tmp_path / "ct").coders.items()}, e)
+    again = convert(FIXTURES / name, "circuit-tracer", tmp_path / "ct2")
+    assert sorted(again.folders) == [0, 1]
+    _check_set({l: c.coder for l, c in read_circuit_tracer_set(tmp_path / "ct2").coders.items()}, e)
+
+
+def test_convert_refuses_a_set_circuit_tracer_cannot_load(tmp_path):
+    run = FIXTURES.parent / "sparsify" / "run"  # TopK skip transcoders
+    with pytest.raises(ConfigError, match="layer 0: a topk transcoder"):
+        convert(run, "circuit-tracer", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    with pytest.raises(ConfigError, match="layer 0: sparsify has TopK coders only: a relu transcoder"):
+        convert(FIXTURES / "relu", "sparsify", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -216,3 +216,19 @@ def export_circuit_tracer_set(coders: dict[int, SparseCoder], out: str | os.Path
             write_tensors(tmp / names[l], t)
         (tmp / CT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return {l: out / n for l, n in names.items()}
+
+
+def import_circuit_tracer_layer(path: str | os.PathLike[str]) -> ImportedCoder:
+    """One layer file of a circuit-tracer set as a coder, its layer and sites from the set's
+    ``config.yaml`` (the file's place in ``transcoders``, else its name)."""
+    path = Path(path)
+    folder = path.parent
+    config = read_config(folder)
+    files = {p.resolve(): l for l, p in layer_files(folder, config).items()} if config else {}
+    m = LAYER_FILE.fullmatch(path.name)
+    layer = files.get(path.resolve(), int(m.group(1)) if m else None)
+    if layer is None:
+        raise CoderFileError(path, "not a layer of this circuit-tracer set (not in config.yaml's transcoders)")
+    in_hook, out_hook = config.get("feature_input_hook"), config.get("feature_output_hook")
+    return read_layer(path, layer, INPUT_HOOKS.get(in_hook or ""), OUTPUT_HOOKS.get(out_hook or ""),
+                      config.get("model_name"))
