@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Build a separate virtual environment with the peers that benchmarks/bench_peers.py compares
-# against: SAELens (PyPI sae-lens) and EleutherAI's sparsify (PyPI eai-sparsify).
+# against: SAELens (PyPI sae-lens) and EleutherAI's sparsify (PyPI eai-sparsify); and, for their
+# fixtures only, dictionary_learning (PyPI dictionary-learning) and circuit-tracer (PyPI
+# circuit-tracer), installed with --no-deps (their full requirements bring nnsight, transformer-lens
+# pins and more; the fixture scripts use only their dictionary / transcoder classes and loaders,
+# which need einops, PyYAML and huggingface_hub, all present after the peers above).
 #
 #   bash benchmarks/setup_peers.sh [VENV]        # default VENV: /tmp/peers-venv
 #   PYTHONPATH=src VENV/bin/python benchmarks/bench_peers.py
@@ -35,9 +39,11 @@ if echo "$PLAN" | tr ' ' '\n' | grep -Ei '^(torch|nvidia-|triton)' ; then
     echo "setup_peers.sh: the peers' requirements would install the packages above; refusing" >&2
     exit 1
 fi
-"${PIP[@]}" install -q -c "$CONSTRAINTS" "${PEERS[@]}"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" "${PEERS[@]}" einops
+"${PIP[@]}" install -q --no-deps dictionary-learning circuit-tracer
 "$VENV/bin/python" - <<'EOF'
 import torch, sae_lens, sparsify  # noqa: F401
 print(f"ok: torch {torch.__version__}, sae-lens {sae_lens.__version__}")
 EOF
 echo "run: PYTHONPATH=src $VENV/bin/python benchmarks/bench_peers.py"
+echo "fixtures: PYTHONPATH=src $VENV/bin/python benchmarks/make_{saelens,sparsify,dictionary_learning,circuit_tracer}_fixtures.py"

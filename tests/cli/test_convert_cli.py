@@ -33,7 +33,7 @@ def test_convert_a_sparsify_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--to", "circuit-tracer"], "--to circuit-tracer: not yet supported"),
+    (["--to", "circuit-tracer"], "is one coder; circuit-tracer reads sets of transcoders"),
     (["--to", "dictionary-learning"], "--to dictionary-learning: not yet supported"),
     (["--to", "saelens"], "SAELens has no TopK transcoder"),
     (["--to", "gguf"], "convert: argument --to: invalid choice: 'gguf'"),

@@ -139,9 +139,10 @@ def test_a_run_converts_to_a_mechfaith_set_and_back(tmp_path):
     assert not (tmp_path / "saelens").exists()
 
 
-@pytest.mark.parametrize("to", ["circuit-tracer", "dictionary-learning"])
-def test_formats_not_written_yet_say_so(tmp_path, mechfaith_coder, to):
-    with pytest.raises(ConfigError, match=f"--to {to}: not yet supported"):
+@pytest.mark.parametrize(("to", "message"), [("dictionary-learning", "--to dictionary-learning: not yet supported"),
+                                              ("circuit-tracer", "is one coder; circuit-tracer reads sets")])
+def test_formats_not_written_from_one_coder_say_so(tmp_path, mechfaith_coder, to, message):
+    with pytest.raises(ConfigError, match=message):
         convert(mechfaith_coder, to, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

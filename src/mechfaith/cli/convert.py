@@ -3,7 +3,7 @@ into mechfaith, SAELens or sparsify files.
 
 SRC (told from its files): a mechfaith coder folder or run folder, a mechfaith set (set.json), a
 SAELens folder, a sparsify folder or run, a legacy GPT-2 transcoder .pt. FORMAT: mechfaith,
-saelens or sparsify (circuit-tracer and dictionary-learning: not yet supported). A set becomes a
+saelens, sparsify or circuit-tracer (sets only; dictionary-learning: not yet supported). A set becomes a
 set: a mechfaith set, one SAELens folder per layer (DST/L<l>/) or a sparsify run
 (DST/<hookpoint>/). What the target cannot hold is refused in one line, nothing written. DST is
 written whole, only when it is new, empty, or a conversion of the same kind written before.

@@ -1,7 +1,8 @@
 """Opening trained coders wherever they come from, with where they sit in the model.
 
 :func:`open_coder` reads a mechfaith coder folder (or a run folder holding ``coder/``), a SAELens
-folder (:mod:`mechfaith.lm.saelens`) or a released GPT-2 transcoder ``.pt``
+folder (:mod:`mechfaith.lm.saelens`), a sparsify folder, a dictionary_learning ``ae.pt``
+(:mod:`mechfaith.lm.dictionary_learning`) or a released GPT-2 transcoder ``.pt``
 (:mod:`mechfaith.lm.gpt2_transcoders`) into a :class:`CoderRef` (the coder, its model, layer, sites
 and training corpus when recorded); :func:`default_eval_path` is where ``eval.json`` goes;
 :func:`coder_corpus_with_source` the coder's corpus with another text source.
@@ -18,8 +19,10 @@ from mechfaith.coders.files import CONFIG_NAME, load_coder, read_json
 from mechfaith.coders.validate import check_fields
 from mechfaith.configs import config_from_dict
 from mechfaith.errors import CoderFileError
+from mechfaith.lm.circuit_tracer import import_circuit_tracer_layer
 from mechfaith.lm.corpus import CorpusConfig
-from mechfaith.lm.formats import FORMATS, detect_format
+from mechfaith.lm.dictionary_learning import import_dictionary_learning
+from mechfaith.lm.formats import FORMATS, SET_FORMATS, detect_format
 from mechfaith.lm.gpt2_transcoders import import_gpt2_transcoder
 from mechfaith.lm.saelens import import_saelens
 from mechfaith.lm.sparsify_read import import_sparsify
@@ -45,12 +48,13 @@ def open_coder(path: str | Path) -> CoderRef:
     """The coder at ``path`` in any format mechfaith reads (module docstring)."""
     found = detect_format(path)
     path = found.path
-    if found.format in ("mechfaith-set", "sparsify-run"):
+    if found.format in SET_FORMATS:
         raise CoderFileError(path, f"this is a {FORMATS[found.format]}, not one coder: give one of its coder "
                                    f"folders, or use a command that takes a set")
-    if found.format in ("saelens", "sparsify", "gpt2-pt"):
-        reader = {"saelens": import_saelens, "sparsify": import_sparsify, "gpt2-pt": import_gpt2_transcoder}
-        imp = reader[found.format](path)
+    readers = {"saelens": import_saelens, "sparsify": import_sparsify, "gpt2-pt": import_gpt2_transcoder,
+               "dictionary-learning": import_dictionary_learning, "circuit-tracer-layer": import_circuit_tracer_layer}
+    if found.format in readers:
+        imp = readers[found.format](path)
         return CoderRef(imp.coder, imp.model_name, imp.layer, imp.input_site, imp.output_site, None, path)
     coder = load_coder(path)  # checks config.json, its "training" included (a JSON object or null)
     folder = path if path.is_dir() else path.parent

@@ -21,7 +21,7 @@ from typing import Any
 from mechfaith.atomic import atomic_dir, check_replaceable
 from mechfaith.coders.files import CONFIG_NAME, read_json
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.lm.coder_files import open_coder
+from mechfaith.lm.coder_files import CoderRef, open_coder
 from mechfaith.lm.layer_set import SET_JSON, SetResult, layers_text
 from mechfaith.lm.saelens import check_saelens_exportable, export_saelens
 from mechfaith.lm.sparsify_format import is_sparsify_run
@@ -88,6 +88,13 @@ def export_set_saelens(folder: str | Path, out: str | Path) -> dict[int, Path]:
     check_replaceable(out, (), "coder set export")
     manifest = read_set(folder)
     refs = {l: open_coder(p) for l, p in set_coder_folders(folder, manifest).items()}
+    return export_refs_saelens(refs, out, manifest)
+
+
+def export_refs_saelens(refs: dict[int, CoderRef], out: str | Path, manifest: SetResult) -> dict[int, Path]:
+    """:func:`export_set_saelens` of coders already opened (``manifest``: the set's model and sites)."""
+    out = Path(out)
+    check_replaceable(out, (), "coder set export")
     for l, ref in refs.items():
         try:
             check_saelens_exportable(ref.coder)

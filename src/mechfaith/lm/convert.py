@@ -1,17 +1,19 @@
 """``mechfaith convert``: a coder, or a set, from any format mechfaith reads
 (:func:`~mechfaith.lm.formats.detect_format`) into mechfaith, SAELens or sparsify files.
 
-- One coder (a mechfaith, SAELens or sparsify folder, a legacy GPT-2 ``.pt``) becomes one folder:
+- One coder (a mechfaith, SAELens or sparsify folder, a dictionary_learning ``ae.pt``, a legacy
+  GPT-2 ``.pt``) becomes one folder:
   a mechfaith coder folder, a SAELens folder or a sparsify folder, with its model, layer and sites.
-- A set (a mechfaith ``set.json`` folder or a sparsify run) becomes a set: a mechfaith set
-  (``set.json`` + ``layers/L<l>/coder``), one SAELens folder per layer (``OUT/L<l>/``, as
+- A set (a mechfaith ``set.json`` folder, a sparsify run or a circuit-tracer set) becomes a set: a
+  mechfaith set (``set.json`` + ``layers/L<l>/coder``), a circuit-tracer set
+  (``OUT/layer_<l>.safetensors`` + ``config.yaml``; sets only), one SAELens folder per layer (``OUT/L<l>/``, as
   ``lm export SET``) or a sparsify run (``OUT/<hookpoint>/``).
 
 What the target cannot hold is refused in one line before anything is written (SAELens has no
 TopK transcoder; sparsify holds TopK coders only). ``OUT`` is written whole and atomically, and
 only when it is new, empty, or a conversion of the same kind written before
 (:func:`~mechfaith.atomic.check_replaceable`); it may neither be ``SRC`` nor hold it nor lie in it.
-circuit-tracer and dictionary_learning files are not written yet (one line, nothing written).
+dictionary_learning files are not written yet (one line, nothing written).
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from mechfaith.atomic import atomic_dir, check_replaceable
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, save_coder
 from mechfaith.errors import ConfigError
 from mechfaith.jsonio import json_safe, write_json
+from mechfaith.lm.circuit_tracer import export_circuit_tracer_set
+from mechfaith.lm.circuit_tracer_set import circuit_tracer_refs
 from mechfaith.lm.coder_files import CODER_DIR, CoderRef, open_coder
-from mechfaith.lm.coder_set import export_set_saelens, read_set, set_coder_folders
+from mechfaith.lm.coder_set import export_refs_saelens, read_set, set_coder_folders
 from mechfaith.lm.formats import FORMATS, SET_FORMATS, detect_format
 from mechfaith.lm.layer_set import LAYERS_DIR, SET_JSON, SetResult
 from mechfaith.lm.saelens import SAELENS_CFG, SAELENS_WEIGHTS, export_saelens
 from mechfaith.lm.sparsify import SPARSIFY_CFG, SPARSIFY_WEIGHTS, export_set_sparsify, export_sparsify
 
-TARGETS = ("mechfaith", "saelens", "sparsify")
-NOT_YET = ("circuit-tracer", "dictionary-learning")
+TARGETS = ("mechfaith", "saelens", "sparsify", "circuit-tracer")
+NOT_YET = ("dictionary-learning",)
 
 
 @dataclass
@@ -66,6 +70,9 @@ def convert(src: str | Path, to: str, out: str | Path) -> ConvertResult:
     check_apart(Path(src), out)
     if found.format in SET_FORMATS:
         return convert_set(found.path, found.format, to, out)
+    if to == "circuit-tracer":
+        raise ConfigError(f"--to circuit-tracer: {src} is one coder; circuit-tracer reads sets of transcoders for every "
+                          f"layer from 0 (give a set: a mechfaith set, a sparsify run or a circuit-tracer set)")
     ref = open_coder(found.path)
     cfg = ref.coder.cfg
     kind = f"{cfg.activation} {cfg.kind}" + (" with a skip" if cfg.skip else "")
@@ -90,16 +97,21 @@ def imported_training(ref: CoderRef, source: str) -> dict[str, object]:
 
 
 def convert_set(folder: Path, source_format: str, to: str, out: Path) -> ConvertResult:
-    """A set (a mechfaith set or a sparsify run) as a set in ``to``'s files."""
-    manifest = read_set(folder)
-    if to == "saelens":
-        written = export_set_saelens(folder, out)
+    """A set (a mechfaith set, a sparsify run or a circuit-tracer set) as a set in ``to``'s files."""
+    if source_format == "circuit-tracer":
+        manifest, refs = circuit_tracer_refs(folder)
     else:
+        manifest = read_set(folder)
         refs = {l: open_coder(p) for l, p in set_coder_folders(folder, manifest).items()}
-        if to == "sparsify":
-            written = export_set_sparsify(refs, out, manifest.model or None)
-        else:
-            written = write_mechfaith_set(manifest, refs, out, f"converted from {folder} ({FORMATS[source_format]})")
+    if to == "saelens":
+        written = export_refs_saelens(refs, out, manifest)
+    elif to == "sparsify":
+        written = export_set_sparsify(refs, out, manifest.model or None)
+    elif to == "circuit-tracer":
+        written = export_circuit_tracer_set({l: r.coder for l, r in refs.items()}, out, model_name=manifest.model or None,
+                                            input_site=manifest.input_site, output_site=manifest.output_site)
+    else:
+        written = write_mechfaith_set(manifest, refs, out, f"converted from {folder} ({FORMATS[source_format]})")
     return ConvertResult(folder, source_format, to, out, "set", None, written)
 
 

@@ -3,8 +3,12 @@
 Recognised (:data:`FORMATS`): a mechfaith coder folder (``config.json`` + ``weights.safetensors``;
 a ``train`` run folder holding ``coder/`` too), a mechfaith coder set (``set.json``), a SAELens
 folder (``cfg.json`` + ``sae_weights.safetensors``), a sparsify folder (``cfg.json`` +
-``sae.safetensors``), a sparsify run (sub-folders that are sparsify folders, one per hookpoint)
-and a legacy GPT-2 transcoder ``.pt``. One of the folder's files may be given for the folder.
+``sae.safetensors``), a sparsify run (sub-folders that are sparsify folders, one per hookpoint),
+a dictionary_learning dictionary (``ae.pt`` or a checkpoint ``ae_<step>.pt``, or a folder holding
+``ae.pt`` beside its ``config.json``), a circuit-tracer set (``config.yaml`` and/or
+``layer_<i>.safetensors``; one layer file of it is one coder) and a legacy GPT-2 transcoder ``.pt``
+(any other ``.pt``).
+One of the folder's files may be given for the folder.
 A ``cfg.json`` without either weights file is told by its fields (SAELens's ``d_sae``,
 ``architecture``, ``hook_name``...; sparsify's ``num_latents``, ``expansion_factor``,
 ``transcode``...), so that the error names the missing file of the right format. Anything else is
@@ -18,6 +22,8 @@ from pathlib import Path
 
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, read_json
 from mechfaith.errors import CoderFileError, MechfaithError
+from mechfaith.lm.circuit_tracer import CT_CONFIG, LAYER_FILE, is_circuit_tracer_set
+from mechfaith.lm.dictionary_learning import DL_WEIGHTS, is_dictionary_learning_file
 from mechfaith.lm.saelens_format import SAELENS_CFG, SAELENS_WEIGHTS
 from mechfaith.lm.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_run
 
@@ -30,9 +36,12 @@ FORMATS = {
     "saelens": f"SAELens folder ({SAELENS_CFG} + {SAELENS_WEIGHTS})",
     "sparsify": f"sparsify folder ({SAELENS_CFG} + {SPARSIFY_WEIGHTS})",
     "sparsify-run": "sparsify run (one sparsify folder per hookpoint)",
+    "dictionary-learning": f"dictionary_learning dictionary ({DL_WEIGHTS}, with its config.json)",
+    "circuit-tracer": f"circuit-tracer transcoder set ({CT_CONFIG} + layer_<i>.safetensors)",
+    "circuit-tracer-layer": "circuit-tracer layer file (layer_<i>.safetensors of a set)",
     "gpt2-pt": "legacy GPT-2 transcoder (.pt)",
 }
-SET_FORMATS = ("mechfaith-set", "sparsify-run")
+SET_FORMATS = ("mechfaith-set", "sparsify-run", "circuit-tracer")
 SAELENS_FIELDS = ("d_sae", "architecture", "hook_name", "hook_point", "sae_lens_version", "metadata",
                   "apply_b_dec_to_input")
 SPARSIFY_FIELDS = ("num_latents", "expansion_factor", "transcode", "skip_connection", "multi_topk",
@@ -76,6 +85,8 @@ def _cfg_json_format(folder: Path) -> str | None:
 def _folder_format(folder: Path) -> Detected | None:
     if (folder / SET_JSON).is_file():
         return Detected("mechfaith-set", folder)
+    if (folder / DL_WEIGHTS).is_file():  # its config.json is not mechfaith's
+        return Detected("dictionary-learning", folder)
     if (folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
         if is_sparsify_run(folder):  # sparsify's trainer writes the run's config.json beside them
             return Detected("sparsify-run", folder)
@@ -85,6 +96,8 @@ def _folder_format(folder: Path) -> Detected | None:
         return Detected(found, folder) if found else None
     if is_sparsify_run(folder):
         return Detected("sparsify-run", folder)
+    if is_circuit_tracer_set(folder):
+        return Detected("circuit-tracer", folder)
     if (folder / RUN_CODER_DIR).is_dir():
         return Detected("mechfaith", folder / RUN_CODER_DIR)
     return None
@@ -97,8 +110,14 @@ def detect_format(path: str | Path) -> Detected:
         raise CoderFileError(p, "no such file or folder")
     found: Detected | None
     if p.is_file():
-        if p.suffix == ".pt":
+        if is_dictionary_learning_file(p):
+            found = Detected("dictionary-learning", p)
+        elif p.suffix == ".pt":
             found = Detected("gpt2-pt", p)
+        elif p.name == CT_CONFIG:
+            found = Detected("circuit-tracer", p.parent)
+        elif LAYER_FILE.fullmatch(p.name) and is_circuit_tracer_set(p.parent):
+            found = Detected("circuit-tracer-layer", p)
         elif p.name == SAELENS_CFG:
             fmt = _cfg_json_format(p.parent)
             found = Detected(fmt, p.parent) if fmt else None
