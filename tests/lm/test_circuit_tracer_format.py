@@ -210,3 +210,18 @@ def test_convert_refuses_a_set_circuit_tracer_cannot_load(tmp_path):
     with pytest.raises(ConfigError, match="layer 0: sparsify has TopK coders only: a relu transcoder"):
         convert(FIXTURES / "relu", "sparsify", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_circuit_tracer_set_is_a_set_for_every_command(capsys):
+    from mechfaith.circuits.session import load_transcoders
+    from mechfaith.cli.main import main
+    from mechfaith.lm.coder_set import is_coder_set, read_set, set_coder_folders
+
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "circuit_tracer" / "jumprelu_skip"
+    assert is_coder_set(folder)
+    manifest = read_set(folder)
+    assert manifest.layers == [0, 1] and set(set_coder_folders(folder)) == {0, 1}
+    tcs, model = load_transcoders([str(folder)])  # what circuit, graph and dashboard read
+    assert sorted(tcs) == [0, 1] and tcs[1].coder.cfg.activation == "jumprelu" and tcs[1].coder.W_skip is not None
+    assert main(["inspect", str(folder)]) == 0
+    assert "(circuit-tracer set: 2 layers" in capsys.readouterr().out

@@ -70,7 +70,8 @@ def run_set(args: argparse.Namespace) -> int:
     from mechfaith.lm.layer_set import SET_FORMAT, layers_text
 
     info = summarize_set(args.path)
-    fmt = SET_FORMAT if detect_format(args.path).format == "mechfaith-set" else "sparsify run"
+    fmt = {"mechfaith-set": SET_FORMAT, "circuit-tracer": "circuit-tracer set"}.get(
+        detect_format(args.path).format, "sparsify run")
     if args.json:
         print(json.dumps({"format": fmt, **dataclasses.asdict(info)}, indent=2, default=str))
         return 0

@@ -21,6 +21,8 @@ from typing import Any
 from mechfaith.atomic import atomic_dir, check_replaceable
 from mechfaith.coders.files import CONFIG_NAME, read_json
 from mechfaith.errors import ConfigError, InputError
+from mechfaith.lm.circuit_tracer import is_circuit_tracer_set
+from mechfaith.lm.circuit_tracer_set import circuit_tracer_refs
 from mechfaith.lm.coder_files import CoderRef, open_coder
 from mechfaith.lm.layer_set import SET_JSON, SetResult, layers_text
 from mechfaith.lm.saelens import check_saelens_exportable, export_saelens
@@ -29,8 +31,9 @@ from mechfaith.lm.sparsify_run import read_sparsify_run
 
 
 def is_coder_set(path: str | Path) -> bool:
-    """Whether ``path`` is a set folder (holds ``set.json``) or a sparsify run."""
-    return Path(path).is_dir() and ((Path(path) / SET_JSON).is_file() or is_sparsify_run(path))
+    """Whether ``path`` is a set folder (holds ``set.json``), a sparsify run or a circuit-tracer set."""
+    return Path(path).is_dir() and ((Path(path) / SET_JSON).is_file() or is_sparsify_run(path)
+                                    or is_circuit_tracer_set(path))
 
 
 def read_set(folder: str | Path) -> SetResult:
@@ -39,6 +42,8 @@ def read_set(folder: str | Path) -> SetResult:
     path = folder / SET_JSON
     if not path.is_file() and is_sparsify_run(folder):
         return read_sparsify_run(folder)
+    if not path.is_file() and is_circuit_tracer_set(folder):  # its coders: layer files (opened one by one)
+        return circuit_tracer_refs(folder)[0]
     if not path.is_file():
         raise InputError(f"{folder}: no {SET_JSON} (not a coder set written by lm train --layers)")
     data = read_json(path)
