@@ -38,10 +38,21 @@ class CoderRef:
     folder: Path
 
 
+def coder_location(path: str | Path) -> Path:
+    """Where :func:`open_coder` finds the coder of ``path`` (its ``CoderRef.folder``), without reading it:
+    a run folder's ``coder/``, a SAELens or coder folder itself, a ``.pt`` file itself, a file's folder."""
+    path = Path(path)
+    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
+        return path / CODER_DIR
+    if path.is_file() and path.suffix != ".pt":
+        return path.parent
+    return path
+
+
 def open_coder(path: str | Path) -> CoderRef:
     """A mechfaith coder folder (a run folder holding ``coder/`` works too) or a SAELens folder."""
     path = Path(path)
-    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
         path = path / CODER_DIR
     if path.is_dir() and (path / "cfg.json").is_file() and not (path / "config.json").is_file():
         imp = import_saelens(path)
@@ -58,9 +69,9 @@ def open_coder(path: str | Path) -> CoderRef:
                     meta.get("output_site"), meta.get("corpus"), folder)
 
 
-def default_eval_path(ref: CoderRef) -> Path:
-    """``eval.json`` beside the coder folder (in its run folder)."""
-    folder = ref.folder
+def default_eval_path(ref: CoderRef | Path) -> Path:
+    """``eval.json`` beside the coder folder (in its run folder); ``ref`` or its folder (:func:`coder_location`)."""
+    folder = ref.folder if isinstance(ref, CoderRef) else ref
     if folder.name == CODER_DIR:
         return folder.parent / EVAL_JSON
     return folder.with_name(folder.name + ".eval.json")
