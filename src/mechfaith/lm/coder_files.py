@@ -72,6 +72,10 @@ def open_coder(path: str | Path) -> CoderRef:
 def default_eval_path(ref: CoderRef | Path) -> Path:
     """``eval.json`` beside the coder folder (in its run folder); ``ref`` or its folder (:func:`coder_location`)."""
     folder = ref.folder if isinstance(ref, CoderRef) else ref
+    if not folder.name:  # "." or ".."
+        folder = folder.resolve()
+    if not folder.name:  # the root folder
+        return folder / EVAL_JSON
     if folder.name == CODER_DIR:
         return folder.parent / EVAL_JSON
     return folder.with_name(folder.name + ".eval.json")

@@ -169,7 +169,8 @@ def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: 
     if found is None:
         found = resolve_layer(get_model(cfg).adapter, cfg.layer) if cfg.layer == -1 else cfg.layer
     cache.shards(found)  # a one-line error when the cache lacks the layer
-    cfg = dataclasses.replace(cfg, input_site=cache.index["input_site"], output_site=cache.index["output_site"])
+    cfg = dataclasses.replace(cfg, input_site=cache.index.get("input_site", cfg.input_site),
+                              output_site=cache.index.get("output_site", cfg.output_site))
     return cache, found, cfg, collect_seconds
 
 
