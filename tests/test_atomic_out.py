@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mechfaith.atomic import atomic_dir, check_file_replaceable, check_replaceable, final_path
+from mechfaith.atomic import atomic_dir, atomic_path, check_file_replaceable, check_replaceable, final_path
 from mechfaith.errors import ConfigError
 
 
@@ -59,6 +59,16 @@ def test_a_failed_block_leaves_the_old_entry(tmp_path: Path) -> None:
         (tmp / "half").write_text("x")
         raise RuntimeError("stopped")
     assert (tmp_path / "f").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_failed_write_leaves_no_new_parent_folders(tmp_path: Path) -> None:
+    for writer in (atomic_dir, atomic_path):
+        with pytest.raises(RuntimeError), writer(tmp_path / "a" / "b" / "out"):
+            raise RuntimeError("stopped")
+        assert list(tmp_path.iterdir()) == []
+    with atomic_path(tmp_path / "a" / "b" / "f.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "a" / "b" / "f.txt").read_text() == "x"
 
 
 def test_final_path_maps_nested_temporaries(tmp_path: Path) -> None:

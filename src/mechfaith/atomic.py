@@ -64,6 +64,23 @@ def clean_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those it created, the deepest first."""
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the folders :func:`_make_folder` created, while they are empty (a write that failed leaves
+    no empty folders behind)."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def _check_target(target: Path) -> None:
     if target.name in ("", ".", ".."):
         raise ConfigError(f"{target}: not a name that can be written atomically (give a new file or folder)")
@@ -74,21 +91,25 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     """Yield a temporary path beside ``target``; on success it is renamed onto ``target``."""
     target = Path(target)
     _check_target(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(target.parent)
     clean_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
     tmp_path = Path(tmp)
+    done = False
     try:
         os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+        done = True
     finally:
         if tmp_path.is_dir() and not tmp_path.is_symlink():
             shutil.rmtree(tmp_path, ignore_errors=True)
         elif tmp_path.exists() or tmp_path.is_symlink():
             tmp_path.unlink()
+        if not done:
+            _remove_made(made)
 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
@@ -119,10 +140,11 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             raise ConfigError(f"{target} is the current folder or holds it: it cannot be replaced "
                               f"(give a new folder)")
     old = target.with_name(f".{target.name}.old")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(target.parent)
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     _PENDING[tmp] = target
+    done = False
     try:
         yield tmp
         _remove(old)
@@ -135,11 +157,14 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             if moved and not os.path.lexists(target):
                 os.replace(old, target)  # put the old entry back under its name
             raise
+        done = True
         _remove(old)
     finally:
         _PENDING.pop(tmp, None)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            _remove_made(made)
 
 
 def _remove(path: Path) -> None:

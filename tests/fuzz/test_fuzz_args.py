@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import functools
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from mechfaith.cli.main import _sub_parsers, build_parser, main
-from tests.fuzz import inputs
+from tests.fuzz import inputs, mutate
 from tests.fuzz.helpers import check_outcome, fuzz_settings, sandbox, tree
 
 pytest.importorskip("transformers")
@@ -217,6 +218,8 @@ def _out_of(argv: list[str]) -> str | None:
 @example(argv=["toy", "--out", "crowded"])  # a folder of other things at --out
 @example(argv=["lm", "import", "coder", "--out", "coder"])  # the input itself as --out
 @example(argv=["lm", "eval", "notes.txt"])  # found: the default eval.json beside "." (ValueError: empty name)
+# found: a command stopped before its result left --out's new parent folder behind (atomic_dir made it)
+@example(argv=["circuit", "--coders", "coder", "--prompt", "x", "--feature", "0:3", "--out", "out/sub"])
 def test_generated_command_lines(no_work: None, argv: list[str]) -> None:
     with sandbox() as root:
         _user_files(root)
@@ -237,3 +240,62 @@ def test_generated_command_lines(no_work: None, argv: list[str]) -> None:
         event(outcome if code else "reached the work" if outcome != "refused by argparse" else "help or version")
         assert tree(root, out_path) == before, f"{argv}: a file outside --out changed"
         assert tree(inputs.root()) == before_inputs, f"{argv}: an input changed"
+
+
+# ------------------------------------------------------------------ config files
+# command -> (a valid config of it, the other arguments it needs)
+CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "train": ({"coder": {"k": 2, "n_latents": 16, "d_in": 8}, "train": {"n_steps": 3, "lr": 0.001}}, []),
+    "toy": ({"toy": {"steps": 5, "d": 4, "n_latents": 9, "scan_repeat_fracs": [0.05]}}, []),
+    "lm train": ({"lm": {"model": "random-gpt2", "layer": 1, "train_tokens": 100}, "corpus": {"context_length": 16},
+                  "coder": {"k": 2, "expansion": 2}, "train": {"n_steps": 2, "batch_size": 16}}, []),
+    "lm collect": ({"lm": {"model": "random-gpt2", "layer": 1}, "corpus": {"context_length": 16, "val_fraction": 0.3},
+                    "coder": {"k": 2}}, []),
+    "lm sweep": ({"lm": {"model": "random-gpt2"}, "coder": {"activation": "topk"}, "train": {"n_steps": 2}}, []),
+    "faithfulness report": ({"faithfulness": {"n_probes": 2, "noise_scales": [0.3]}, "datapoints": {"top_k": 3},
+                             "masking": {"max_firing_rate": 0.2}, "lm_faithfulness": {"eval_contexts": 4}}, ["CODER"]),
+    "faithfulness experiment": ({"experiment": {"steps": 2, "ks": [2], "rates": [0.0, 0.1]},
+                                 "corpus": {"context_length": 16}}, []),
+}
+
+
+def _toml(doc: dict[str, Any]) -> str:
+    """A flat two-level TOML of ``doc`` (sections of scalars and lists)."""
+    lines = []
+    for section, values in doc.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def config_cases(draw: st.DrawFn) -> tuple[str, str, bytes]:
+    """(command, file suffix, a damaged config file of that command)."""
+    command = draw(st.sampled_from(sorted(CONFIGS)))
+    doc = CONFIGS[command][0]
+    suffix = draw(st.sampled_from([".json", ".yaml", ".toml"]))
+    if suffix == ".toml":
+        return command, suffix, draw(mutate.damaged_bytes(_toml(doc).encode()))
+    return command, suffix, draw(mutate.json_text(doc)).encode("utf-8", "surrogatepass")
+
+
+@fuzz_settings(60)
+@given(case=config_cases())
+def test_damaged_config_files(no_work: None, case: tuple[str, str, bytes]) -> None:
+    """A damaged --config (JSON, YAML or TOML) of each command that reads one: one line, or accepted."""
+    command, suffix, content = case
+    with sandbox() as root:
+        config = root / f"config{suffix}"
+        config.write_bytes(content)
+        extra = [str(inputs.coder_folders()["topk"]) if a == "CODER" else a for a in CONFIGS[command][1]]
+        argv = [*command.split(), *extra, "--config", str(config), "--out", str(root / "out")]
+        stderr = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+            try:
+                code: Any = main(argv)
+            except SystemExit as exc:
+                code = exc.code
+            except ReachedWork:
+                code = 0
+        check_outcome(code, stderr.getvalue(), argv)
+        event(f"exit {code}")

@@ -125,3 +125,28 @@ def test_damaged_graph_json(text: str) -> None:
         path = root / "graph.json"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         refused_cleanly(lambda: read_graph_json(path))
+
+
+# ------------------------------------------------------------------ set folders (lm train --layers)
+@st.composite
+def set_cases(draw: st.DrawFn, folder: Path) -> tuple[Damage, list[str]]:
+    file = draw(st.sampled_from(["set.json", "set.json", "layers/L0/coder/config.json", "layers/L1/train.json"]))
+    command = draw(st.sampled_from([["inspect"], ["inspect", "--json"], ["lm", "export"]]))
+    return draw(mutate.damage_of(folder, file)), command
+
+
+def test_damaged_set_folder(tiny_set: Path) -> None:
+    """set.json (or a layer's files) damaged, read by inspect SET and lm export SET."""
+    import shutil as sh
+
+    @fuzz_settings(40)
+    @given(case=set_cases(tiny_set))
+    def check(case: tuple[Damage, list[str]]) -> None:
+        damage, command = case
+        with sandbox() as root:
+            folder = Path(sh.copytree(tiny_set, root / "set", ignore=sh.ignore_patterns("activations", "checkpoint")))
+            damage.apply(folder)
+            out = root / "out"
+            run_cli([*command, str(folder), *(["--out", str(out)] if command[0] == "lm" else [])], root, out)
+
+    check()
