@@ -38,21 +38,10 @@ class CoderRef:
     folder: Path
 
 
-def coder_location(path: str | Path) -> Path:
-    """Where :func:`open_coder` finds the coder of ``path`` (its ``CoderRef.folder``), without reading it:
-    a run folder's ``coder/``, a SAELens or coder folder itself, a ``.pt`` file itself, a file's folder."""
-    path = Path(path)
-    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
-        return path / CODER_DIR
-    if path.is_file() and path.suffix != ".pt":
-        return path.parent
-    return path
-
-
 def open_coder(path: str | Path) -> CoderRef:
     """A mechfaith coder folder (a run folder holding ``coder/`` works too) or a SAELens folder."""
     path = Path(path)
-    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
+    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / "config.json").is_file():
         path = path / CODER_DIR
     if path.is_dir() and (path / "cfg.json").is_file() and not (path / "config.json").is_file():
         imp = import_saelens(path)
@@ -79,6 +68,17 @@ def default_eval_path(ref: CoderRef | Path) -> Path:
     if folder.name == CODER_DIR:
         return folder.parent / EVAL_JSON
     return folder.with_name(folder.name + ".eval.json")
+
+
+def coder_location(path: str | Path) -> Path:
+    """Where :func:`open_coder` finds the coder of ``path`` (its ``CoderRef.folder``), without reading it:
+    a run folder's ``coder/``, a SAELens or coder folder itself, a ``.pt`` file itself, a file's folder."""
+    path = Path(path)
+    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
+        return path / CODER_DIR
+    if path.is_file() and path.suffix != ".pt":
+        return path.parent
+    return path
 
 
 def coder_corpus_with_source(coder_path: str | Path, source: str | None) -> CorpusConfig | None:
