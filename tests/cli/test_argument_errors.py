@@ -49,13 +49,17 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.fixture()
 def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail loudly (a traceback, so the test fails) if a command loads a model or collects activations."""
-    from mechfaith.lm import collect, layer_set, model_cache, sweep
+    # every module that binds get_model is imported (with the real one) before it is replaced, so that
+    # none of them keeps the replacement after the test
+    from mechfaith.lm import collect, evaluate, faithfulness, layer_set, model_cache, set_eval, sweep
     from mechfaith.lm import train as lm_train
+    from mechfaith.studies import memorization
 
     def loaded(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a model was loaded before the arguments were checked")
 
-    for module in (model_cache, lm_train, layer_set, sweep):
+    for module in (model_cache, lm_train, layer_set, sweep, collect, evaluate, faithfulness, set_eval,
+                   memorization):
         monkeypatch.setattr(module, "get_model", loaded)
     monkeypatch.setattr(collect, "collect", loaded)
     monkeypatch.setattr(lm_train, "collect", loaded)

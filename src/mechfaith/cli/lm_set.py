@@ -14,11 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from mechfaith.cli.out_guard import run_output
 from mechfaith.errors import ConfigError
 from mechfaith.lm.config import LMCoderConfig, LMConfig
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.reports.values import fmt_value
 from mechfaith.training.config import TrainConfig
+
+SET_NAMES = ("set.json", "layers", "eval.json", "eval.png")  # what lm train --layers (and lm eval SET) write
 
 
 def run_train_set(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
@@ -30,8 +33,9 @@ def run_train_set(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: Corpus
     if args.eval:
         raise ConfigError("--eval is not available with --layers yet (evaluate a layer's coder with lm eval "
                           "OUT/layers/L<l>)")
-    r = train_set(lm_cfg, corpus_cfg, coder_cfg, train_cfg, args.out, args.layers, activations=args.activations,
-                  sae_site=args.sae_site, resume=args.resume, progress=progress)
+    with run_output(args.out, SET_NAMES, "set", overwrite=args.overwrite, resume=args.resume) as out:
+        r = train_set(lm_cfg, corpus_cfg, coder_cfg, train_cfg, out, args.layers, activations=args.activations,
+                      sae_site=args.sae_site, resume=args.resume, progress=progress)
     if not is_main_process():
         return 0
     print(f"trained {len(r.layers)} coders of {r.model} together from {r.activations}: "

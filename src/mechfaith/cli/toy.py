@@ -15,18 +15,23 @@ import sys
 from pathlib import Path
 
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_file
+from mechfaith.cli.out_guard import add_overwrite_option, new_output
 from mechfaith.coders.files import save_coder
 from mechfaith.errors import ConfigError
 from mechfaith.toy.experiments import QUICK, ToyConfig, run_toy
 
 log = logging.getLogger(__name__)
 
+OWN_NAMES = ("metrics.json", "report.html", "report.md", "*.png", "coders")  # what write_toy_outputs writes
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "toy", help="reproduce the toy model of mechanistic (un)faithfulness (numbers, figures, report)",
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="toy-report", help="output folder (created if missing)")
+    p.add_argument("--out", default="toy-report", help="output folder: new, empty, or an earlier toy report "
+                                                        "(replaced whole once the new one is complete)")
+    add_overwrite_option(p)
     p.add_argument("--quick", action="store_true", help="a smaller run with the same outputs (smoke test)")
     p.add_argument("--config", default=None, help="TOML or YAML file with ToyConfig values "
                                                    "(top level or a [toy] section)")
@@ -56,13 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     out = Path(args.out)
-    quiet = bool(getattr(args, "quiet", False))
-    toy_run = run_toy(cfg, progress=not quiet)
-    paths = write_toy_outputs(toy_run, out)
-    for name, coder in toy_run.examples.items():
-        save_coder(coder, out / "coders" / name,
-                   training={"source": "mechfaith toy", "setting": name,
-                             **toy_run.metrics["settings"][name]["spec"]})
+    with new_output(out, OWN_NAMES, "toy report", overwrite=args.overwrite) as tmp:
+        quiet = bool(getattr(args, "quiet", False))
+        toy_run = run_toy(cfg, progress=not quiet)
+        write_toy_outputs(toy_run, tmp)
+        for name, coder in toy_run.examples.items():
+            save_coder(coder, tmp / "coders" / name,
+                       training={"source": "mechfaith toy", "setting": name,
+                                 **toy_run.metrics["settings"][name]["spec"]})
     s = toy_run.metrics["settings"]
     for name in ("baseline", "repetition", "repetition_jacobian"):
         if name in s:
@@ -75,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
     failed = [k for k, v in toy_run.metrics["claims"].items() if not v["ok"]]
     print(f"claims: {len(toy_run.metrics['claims']) - len(failed)} hold"
           + (f", not shown: {', '.join(failed)}" if failed else ""))
-    print(f"wrote {paths['html']} ({toy_run.metrics['timing']['total_seconds']:.0f} s)")
+    print(f"wrote {out / 'report.html'} ({toy_run.metrics['timing']['total_seconds']:.0f} s)")
     sys.stdout.flush()
     return 0

@@ -20,6 +20,7 @@ import torch
 from mechfaith.atomic import write_text_atomic
 from mechfaith.cli.arg_types import finite_float
 from mechfaith.cli.dataclass_args import add_dataclass_args, dataclass_from_args, load_config_sections
+from mechfaith.cli.out_guard import add_overwrite_option, run_output
 from mechfaith.coders import CoderConfig, build_coder
 from mechfaith.coders.files import save_coder
 from mechfaith.configs import config_to_dict
@@ -29,6 +30,7 @@ from mechfaith.training.checkpoint import is_checkpoint
 from mechfaith.training.demo import TASK_NAME, demo_reference, demo_stream
 
 CHECKPOINT_DIR = "checkpoint"
+OWN_NAMES = ("coder", "train.json", "train.jsonl", CHECKPOINT_DIR)  # what a demo run writes into --out
 SMALL_CODER = 1 << 16  # d_in * n_latents at or below which the demo trains on one thread
 DEMO_CODER = {"d_in": 32, "n_latents": 256, "activation": "topk", "k": 8}
 DEMO_TRAIN = {"n_steps": 600, "batch_size": 256, "lr": 3e-3, "sparsity": "none", "log_every": 50,
@@ -43,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
                    help="TOML/YAML/JSON file with [coder] and [train] sections")
     p.add_argument("--density", type=finite_float, default=0.2, help="fraction of non-zero input coordinates")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out (OUT/checkpoint)")
+    add_overwrite_option(p)
     p.add_argument("--quiet", action="store_true", help="hide the progress bar")
     add_dataclass_args(p.add_argument_group("coder"), CoderConfig, defaults=DEMO_CODER)
     add_dataclass_args(p.add_argument_group("training"), TrainConfig, defaults=DEMO_TRAIN)
@@ -68,21 +71,21 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not is_checkpoint(Path(args.out) / CHECKPOINT_DIR):
         raise ConfigError(f"--resume: no checkpoint in {Path(args.out) / CHECKPOINT_DIR} (nothing to resume; "
                           f"start without --resume)")
-    if tcfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ \
-            and ccfg.d_in * ccfg.n_latents <= SMALL_CODER:
-        # A tiny coder gains nothing from a thread pool, and on a busy machine the pool's threads wait
-        # for each other: measured 2.5 s with one thread vs 89 s with two on a loaded 2-core machine.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _train(args, ccfg, tcfg)
-        finally:
-            torch.set_num_threads(threads)
-    return _train(args, ccfg, tcfg)
+    with run_output(args.out, OWN_NAMES, "demo run", overwrite=args.overwrite, resume=args.resume) as out:
+        if tcfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ \
+                and ccfg.d_in * ccfg.n_latents <= SMALL_CODER:
+            # A tiny coder gains nothing from a thread pool, and on a busy machine the pool's threads wait
+            # for each other: measured 2.5 s with one thread vs 89 s with two on a loaded 2-core machine.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return _train(args, ccfg, tcfg, out)
+            finally:
+                torch.set_num_threads(threads)
+        return _train(args, ccfg, tcfg, out)
 
 
-def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> int:
-    out = Path(args.out)
+def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig, out: Path) -> int:
     reference = demo_reference(ccfg.d_in, int(ccfg.d_out))  # type: ignore[arg-type]
     coder = build_coder(ccfg, seed=tcfg.seed)
     stream = demo_stream(ccfg.d_in, args.density, tcfg.batch_size, tcfg.seed)
@@ -115,5 +118,5 @@ def _train(args: argparse.Namespace, ccfg: CoderConfig, tcfg: TrainConfig) -> in
     m = result.final_metrics or {}
     print(f"trained {result.steps_done} steps in {result.elapsed_s:.1f} s: "
           f"FVE {m.get('fve', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}, "
-          f"dead {m.get('dead_frac', float('nan')):.1%} -> {out / 'coder'}")
+          f"dead {m.get('dead_frac', float('nan')):.1%} -> {Path(args.out) / 'coder'}")
     return 0

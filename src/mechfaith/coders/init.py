@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.coders.coder import SparseCoder
-from mechfaith.errors import ConfigError
+from mechfaith.errors import ConfigError, InputError
 
 SKIP_INITS = ("lstsq", "zero")
 FIT_ROWS = 65536  # rows for the least-squares skip / the bias
@@ -41,8 +41,13 @@ def init_skip_lstsq(coder: SparseCoder, x: Tensor, y: Tensor, ridge: float = 1e-
     mx, my = x64.mean(0), y64.mean(0)
     xc, yc = x64 - mx, y64 - my
     gram = xc.T @ xc
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    w = torch.linalg.solve(gram, xc.T @ yc)  # [d_in, d_out]
+    scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)  # (constant rows: a zero Gram matrix)
+    gram += ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
+    try:
+        w = torch.linalg.solve(gram, xc.T @ yc)  # [d_in, d_out]
+    except torch.linalg.LinAlgError:
+        raise InputError("the least-squares skip cannot be fitted to these rows (they are degenerate); "
+                         "use skip_init zero") from None
     b = my - mx @ w
     if coder.W_skip is None:
         raise ConfigError("init_skip_lstsq needs a coder with a skip connection (cfg.skip)")

@@ -106,7 +106,10 @@ def write_activation_cache(model: Any, contexts: Tensor, cfg: ActivationConfig, 
 def check_index(path: Path, index: dict[str, Any]) -> None:
     """The fields of an activation cache's ``index.json`` (types, sizes, shard entries inside the folder)."""
     check_fields(path, index, {"layers": "list", "n_tokens": "int", "d_in": "int", "d_out": "int",
-                               "shards": "dict"}, required=("layers", "n_tokens", "d_in", "d_out", "shards"))
+                               "shards": "dict", "input_site": "str", "output_site": "str", "model": "str",
+                               "extra": "dict"},
+                 required=("layers", "n_tokens", "d_in", "d_out", "shards"))
+    check_fields(path, index.get("extra", {}), {"lm": "dict|null", "corpus": "dict|null"})
     if not all(type(l) is int for l in index["layers"]) or min(index["d_in"], index["d_out"], index["n_tokens"]) < 0:
         raise CoderFileError(path, "'layers' must be integers and the sizes >= 0")
     for layer, shards in index["shards"].items():
@@ -119,6 +122,12 @@ def check_index(path: Path, index: dict[str, Any]) -> None:
             if file.is_absolute() or ".." in file.parts or info["rows"] < 0:
                 raise CoderFileError(path, f"shard entry {info['file']!r:.80} ({info['rows']} rows) "
                                            f"is not a file inside the cache")
+    for layer in index["layers"]:  # every layer's shards hold the cache's tokens (and at least one row)
+        shards = index["shards"].get(str(layer))
+        rows = sum(info["rows"] for info in shards) if isinstance(shards, list) else None
+        if not shards or rows != index["n_tokens"] or not rows:
+            raise CoderFileError(path, f"layer {layer} has {rows or 'no'} rows in its shards, the index says "
+                                       f"{index['n_tokens']} tokens")
 
 
 class ActivationCache:

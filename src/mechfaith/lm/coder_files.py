@@ -65,12 +65,27 @@ def open_coder(path: str | Path) -> CoderRef:
                     meta.get("output_site"), meta.get("corpus"), folder)
 
 
-def default_eval_path(ref: CoderRef) -> Path:
-    """``eval.json`` beside the coder folder (in its run folder)."""
-    folder = ref.folder
+def default_eval_path(ref: CoderRef | Path) -> Path:
+    """``eval.json`` beside the coder folder (in its run folder); ``ref`` or its folder (:func:`coder_location`)."""
+    folder = ref.folder if isinstance(ref, CoderRef) else ref
+    if not folder.name:  # "." or ".."
+        folder = folder.resolve()
+    if not folder.name:  # the root folder
+        return folder / EVAL_JSON
     if folder.name == CODER_DIR:
         return folder.parent / EVAL_JSON
     return folder.with_name(folder.name + ".eval.json")
+
+
+def coder_location(path: str | Path) -> Path:
+    """Where :func:`open_coder` finds the coder of ``path`` (its ``CoderRef.folder``), without reading it:
+    a run folder's ``coder/``, a SAELens or coder folder itself, a ``.pt`` file itself, a file's folder."""
+    path = Path(path)
+    if path.is_dir() and (path / CODER_DIR).is_dir() and not (path / CONFIG_NAME).is_file():
+        return path / CODER_DIR
+    if path.is_file() and path.suffix != ".pt":
+        return path.parent
+    return path
 
 
 def coder_corpus_with_source(coder_path: str | Path, source: str | None) -> CorpusConfig | None:

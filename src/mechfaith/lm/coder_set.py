@@ -84,13 +84,14 @@ def set_layer_coder(folder: str | Path, layer: int | None) -> Path:
     return folders[layer]
 
 
-def export_set_saelens(folder: str | Path, out: str | Path) -> dict[int, Path]:
+def export_set_saelens(folder: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[int, Path]:
     """Every layer's coder of the set as a SAELens folder ``out/L<l>/`` (layer -> folder). ``out``
-    must be new (or an empty folder). All coders are opened (checksums checked) before anything is
-    written, then written into a temporary folder renamed to ``out`` at the end: an error anywhere
-    (a damaged coder, one SAELens cannot hold) leaves nothing behind."""
+    must be new (or an empty folder) unless ``overwrite`` (then it is replaced whole). All coders are
+    opened (checksums checked) before anything is written, then written into a temporary folder
+    renamed to ``out`` at the end: an error anywhere (a damaged coder, one SAELens cannot hold) leaves
+    nothing behind."""
     folder, out = Path(folder), Path(out)
-    check_replaceable(out, (), "coder set export")
+    check_replaceable(out, (), "coder set export", overwrite=overwrite)
     manifest = read_set(folder)
     refs = {l: open_coder(p) for l, p in set_coder_folders(folder, manifest).items()}
     return export_refs_saelens(refs, out, manifest)

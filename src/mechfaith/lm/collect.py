@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from mechfaith.atomic import final_path
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.jsonio import json_safe, write_json
@@ -111,7 +112,7 @@ def collect(cfg: LMConfig, corpus_cfg: CorpusConfig, folder: str | Path, *,
         n_contexts=n_contexts, context_length=corpus_cfg.context_length, n_tokens=cache.n_tokens,
         exclude_bos=cfg.exclude_bos, seconds=round(seconds, 2),
         tokens_per_second=round(n_contexts * corpus_cfg.context_length / seconds, 1),
-        train_documents=len(corpus.train_documents), val_documents=corpus.val_documents, folder=str(folder))
+        train_documents=len(corpus.train_documents), val_documents=corpus.val_documents, folder=str(final_path(folder)))
     write_json(folder / COLLECT_JSON, result.to_json())
     return result
 

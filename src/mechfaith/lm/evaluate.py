@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mechfaith.atomic import final_path
 from mechfaith.configs import config_from_dict
 from mechfaith.errors import InputError
 from mechfaith.jsonio import json_safe, write_json
@@ -108,7 +109,7 @@ def evaluate(coder_path: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
     stats = report.layer_stats[0]
     result = EvalResult(
         model=lm.name, family=adapter.family.name, layer=layer, input_site=in_site, output_site=out_site,
-        coder=str(ref.folder), coder_kind=coder.cfg.kind, activation=coder.cfg.activation,
+        coder=str(final_path(ref.folder)), coder_kind=coder.cfg.kind, activation=coder.cfg.activation,
         n_latents=coder.n_latents, eval_contexts=int(contexts.shape[0]), eval_tokens=report.n_tokens,
         eval_source=source, has_lm_head=adapter.has_lm_head and adapter.family.causal,
         fve=stats.fve, mse=stats.mse, l0=stats.l0, l0_bos=stats.l0_bos, dead_fraction=stats.dead_fraction,
@@ -122,5 +123,5 @@ def evaluate(coder_path: str | Path, cfg: LMConfig | None = None, corpus_cfg: Co
         keep_bos=keep_bos, seconds=round(seconds, 2), report=report)
     path = Path(out) if out is not None else default_eval_path(ref)
     write_json(path, result.to_json())
-    result.path = str(path)
+    result.path = str(final_path(path))
     return result

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechfaith.atomic import final_path
 from mechfaith.configs import check_finite, config_from_dict, config_to_dict, doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.faithfulness.report import FaithfulnessConfig, faithfulness_report
@@ -286,18 +287,28 @@ def lm_faithfulness(coder_path: str | Path, cfg: LMConfig | None = None, corpus_
                                  other_sets=others, typical=typical, cfg=fcfg, progress=say)
     info = LMFaithfulnessInfo(
         model=lm.name, family=adapter.family.name, layer=layer, input_site=in_site, output_site=out_site,
-        coder=str(ref.folder), eval_source=source, eval_contexts=int(contexts.shape[0]),
+        coder=str(final_path(ref.folder)), eval_source=source, eval_contexts=int(contexts.shape[0]),
         context_length=int(contexts.shape[1]), eval_tokens=int(x.shape[0]), reference_check_rel_diff=check,
         detector={"passage": lcfg.passage, "passage_tokens": passage_tokens,
                   "planted_contexts": int(planted.sum()), "rows": int(det_x.shape[0])},
         offdist={"shuffled_contexts": int(shuffled.shape[0]), "other_text": other_source},
         config=config_to_dict(lcfg), corpus=config_to_dict(corpus_cfg))
     if out is None:
-        out = (ref.folder.parent if ref.folder.name == CODER_DIR else ref.folder) / "faithfulness"
+        out = default_faithfulness_dir(ref.folder)
     result = LMFaithfulnessResult(measures=json_safe(report), lm=info, seconds=round(time.perf_counter() - t0, 2),
-                                  path=str(Path(out) / FAITHFULNESS_JSON))
-    write_json(result.path, result.to_json())
+                                  path=str(final_path(Path(out) / FAITHFULNESS_JSON)))
+    write_json(Path(out) / FAITHFULNESS_JSON, result.to_json())
     return result
+
+
+def default_faithfulness_dir(coder_folder: Path) -> Path:
+    """Where a coder's report goes unless told: ``faithfulness/`` in its run folder (beside ``coder/``)
+    or in its coder folder; ``NAME.faithfulness/`` beside a coder file (a GPT-2 ``.pt``)."""
+    if coder_folder.name == CODER_DIR:
+        return coder_folder.parent / "faithfulness"
+    if coder_folder.is_file():
+        return coder_folder.with_name(coder_folder.name + ".faithfulness")
+    return coder_folder / "faithfulness"
 
 
 def planted_rows(det_contexts_planted: Tensor, context_length: int, passage_tokens: int) -> Tensor:
@@ -308,6 +319,6 @@ def planted_rows(det_contexts_planted: Tensor, context_length: int, passage_toke
     return torch.tensor(rows, dtype=torch.long)
 
 
-__all__ = ["DEFAULT_PASSAGE", "FAITHFULNESS_JSON", "LMFaithfulnessConfig", "LMFaithfulnessInfo",
+__all__ = ["DEFAULT_PASSAGE", "FAITHFULNESS_JSON", "default_faithfulness_dir", "LMFaithfulnessConfig", "LMFaithfulnessInfo",
            "LMFaithfulnessResult", "collect_inputs", "context_keys",
            "lm_faithfulness", "plant_repeats", "planted_rows", "shuffle_tokens", "tokenize_text"]

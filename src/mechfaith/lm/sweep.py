@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from mechfaith.atomic import final_path
 from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.collect import collect
@@ -199,6 +200,6 @@ def run_sweep(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,
         kinds=list(kinds), eval_source=source, eval_contexts=int(contexts.shape[0]), baseline=ev.baseline,
         runs=[SweepRun.of(r, entries[r["name"]], ev.coders[r["name"]]) for r in runs],
         eval_seconds=round(eval_seconds, 2), total_seconds=round(time.perf_counter() - t0, 2),
-        figure=str(out / SWEEP_PNG))
+        figure=str(final_path(out / SWEEP_PNG)))
     write_json(out / SWEEP_JSON, result.to_json())
     return result

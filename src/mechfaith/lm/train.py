@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mechfaith.atomic import final_path
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import save_coder
@@ -101,7 +102,7 @@ class LayerData:
 
     @classmethod
     def from_cache(cls, cache: ActivationCache, layer: int, model_name: str) -> LayerData:
-        return cls(layer, model_name, cache.d_in, cache.d_out, cache.read_shard(layer, 0), str(cache.folder),
+        return cls(layer, model_name, cache.d_in, cache.d_out, cache.read_shard(layer, 0), str(final_path(cache.folder)),
                    cache.index.get("extra", {}).get("corpus"), cache.n_tokens, cache)
 
 
@@ -168,7 +169,8 @@ def _cache_for(cfg: LMConfig, corpus_cfg: CorpusConfig, out: Path, activations: 
     if found is None:
         found = resolve_layer(get_model(cfg).adapter, cfg.layer) if cfg.layer == -1 else cfg.layer
     cache.shards(found)  # a one-line error when the cache lacks the layer
-    cfg = dataclasses.replace(cfg, input_site=cache.index["input_site"], output_site=cache.index["output_site"])
+    cfg = dataclasses.replace(cfg, input_site=cache.index.get("input_site", cfg.input_site),
+                              output_site=cache.index.get("output_site", cfg.output_site))
     return cache, found, cfg, collect_seconds
 
 
@@ -252,7 +254,7 @@ def prepare_coder_run(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCode
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(coder, train_cfg, reference, log_path=out / "metrics.jsonl",
                       checkpoint_dir=out / CHECKPOINT_DIR, progress=progress, desc=f"train L{data.layer}",
-                      name=out.name)
+                      name=final_path(out).name)
     return CoderRun(out, trainer, mode, data, ccfg, coder_cfg, in_site, out_site, init, collect_seconds, t_start)
 
 
@@ -272,7 +274,7 @@ def finish_coder_run(run: CoderRun, result: TrainResult) -> TrainCoderResult:
                                if (v := result.final_metrics.get(k)) is not None}
     summary = TrainCoderResult(
         **meta, coder_config=config_to_dict(run.coder_config),
-        coder_folder=str(out / CODER_DIR) if result.ok else None, message=result.message,
+        coder_folder=str(final_path(out / CODER_DIR)) if result.ok else None, message=result.message,
         unique_tokens=data.unique_tokens, epochs=result.tokens_seen / max(data.unique_tokens, 1),
         skip_lstsq_fve=run.init.skip_fve, final_train_metrics=final, train_seconds=round(result.elapsed_s, 2),
         collect_seconds=run.collect_seconds, total_seconds=round(time.perf_counter() - run.started, 2))

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from mechfaith.atomic import final_path
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.config import CoderConfig
 from mechfaith.coders.files import read_json, save_coder
@@ -299,7 +300,7 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
         model=lm.name, layer=layer, input_site=in_site, output_site=out_site, passage=text,
         config=config_to_dict(cfg), corpus=config_to_dict(corpus_cfg), data=data.summary(), cells=results,
         table=rows, findings=findings(rows, cfg), collect_seconds=round(collect_seconds, 2),
-        seconds=round(time.perf_counter() - t0, 2), path=str(out / EXPERIMENT_JSON))
+        seconds=round(time.perf_counter() - t0, 2), path=str(final_path(out / EXPERIMENT_JSON)))
     write_json(out / EXPERIMENT_JSON, report.to_json())
     return report
 
