@@ -99,3 +99,18 @@ def test_a_trained_set_goes_to_sparsify_and_back(tiny_set, tmp_path, capsys):
             assert other.cfg == original.cfg
             with torch.no_grad():
                 torch.testing.assert_close(other(x), original(x), atol=1e-5, rtol=0)
+
+
+def test_convert_overwrite_replaces_a_folder_of_other_things_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "dst"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    argv = ["convert", str(FIXTURES / "sparsify" / "sae"), "--to", "mechfaith", "--out", str(out)]
+    assert main(argv) == 2
+    assert "not an empty folder" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "mine.txt").exists() and open_coder(out).coder.cfg.activation == "topk"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    src = FIXTURES / "sparsify" / "sae"
+    assert main(["convert", str(src), "--to", "sparsify", "--out", str(src), "--overwrite"]) == 2  # never SRC
+    assert (src / "cfg.json").is_file()
