@@ -80,6 +80,7 @@ COMMANDS: dict[str, tuple[Argv, bool]] = {
                                   *_small(fx), *TINY_TRAIN[:6]], False),
     "lm export": (lambda out, fx: ["lm", "export", fx["relu"], "--out", out], False),
     "lm import": (lambda out, fx: ["lm", "import", str(FIXTURES / "standard"), "--out", out], False),
+    "convert": (lambda out, fx: ["convert", fx["relu"], "--to", "saelens", "--out", out], False),
     "faithfulness report": (lambda out, fx: ["faithfulness", "report", fx["run"], "--out", out, "--quiet",
                                              "--eval-contexts", "4", "--n-probes", "1", "--spectra-inputs", "1",
                                              "--noise-scales", "0.3", "--passage", "none"], False),
