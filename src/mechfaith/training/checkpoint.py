@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from mechfaith.atomic import atomic_dir
+from mechfaith.coders.clt import CrossLayerTranscoder
+from mechfaith.coders.clt_files import is_clt_folder, load_clt, save_clt
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.coders.files import load_coder, read_json, read_tensors, save_coder, write_tensors
 from mechfaith.coders.validate import check_fields
@@ -58,7 +60,7 @@ class Checkpoint:
     """Everything a checkpoint holds, loaded and checked."""
 
     folder: Path
-    coder: SparseCoder
+    coder: SparseCoder | CrossLayerTranscoder  # the checkpoint's coder folder says which
     train_config: TrainConfig
     step: int
     tokens: int
@@ -143,8 +145,8 @@ def is_checkpoint(folder: str | os.PathLike[str]) -> bool:
     return True
 
 
-def save_checkpoint(folder: str | os.PathLike[str], *, coder: SparseCoder, train_config: TrainConfig,
-                    step: int, tokens: int, optimizer_state: dict[str, Tensor],
+def save_checkpoint(folder: str | os.PathLike[str], *, coder: SparseCoder | CrossLayerTranscoder,
+                    train_config: TrainConfig, step: int, tokens: int, optimizer_state: dict[str, Tensor],
                     tensors: dict[str, Tensor], stream_state: dict[str, Any] | None,
                     metrics: list[dict[str, Any]] | None = None, elapsed_s: float = 0.0,
                     extra: dict[str, Any] | None = None) -> Path:
@@ -162,7 +164,10 @@ def save_checkpoint(folder: str | os.PathLike[str], *, coder: SparseCoder, train
             else:
                 stream_json[key] = value
     with atomic_dir(folder) as tmp:
-        save_coder(coder, tmp / CODER_DIR, training={"step": step, "tokens": tokens})
+        if isinstance(coder, CrossLayerTranscoder):
+            save_clt(coder, tmp / CODER_DIR, training={"step": step, "tokens": tokens})
+        else:
+            save_coder(coder, tmp / CODER_DIR, training={"step": step, "tokens": tokens})
         opt_sha = write_tensors(tmp / OPTIMIZER_NAME, optimizer_state, metadata={"format": FORMAT})
         tensors_sha = write_tensors(tmp / TENSORS_NAME, all_tensors, metadata={"format": FORMAT})
         write_json(tmp / STATE_NAME, json_safe({
@@ -210,7 +215,11 @@ def load_checkpoint(folder: str | os.PathLike[str], map_location: str | torch.de
     if not (folder / CODER_DIR).is_dir():
         raise CoderFileError(folder, f"the checkpoint has no {CODER_DIR}/ folder")
     try:
-        coder = load_coder(folder / CODER_DIR, map_location=map_location)
+        coder: SparseCoder | CrossLayerTranscoder
+        if is_clt_folder(folder / CODER_DIR):
+            coder = load_clt(folder / CODER_DIR, map_location=map_location)
+        else:
+            coder = load_coder(folder / CODER_DIR, map_location=map_location)
     except CoderFileError:
         raise
     except MechfaithError as exc:

@@ -21,18 +21,19 @@ from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.streams import BatchStream
 
 if TYPE_CHECKING:
+    from mechfaith.training.clt_trainer import CLTTrainer
     from mechfaith.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def params_finite(trainer: "Trainer") -> bool:
+def params_finite(trainer: "Trainer | CLTTrainer") -> bool:
     """Whether every parameter of the coder is finite (one host sync)."""
     flags = torch.stack([torch.isfinite(p).all() for p in trainer.coder.parameters()])
     return bool(flags.all())
 
 
-def save_trainer_state(trainer: "Trainer", stream: BatchStream | None = None, folder: str | Path | None = None,
+def save_trainer_state(trainer: "Trainer | CLTTrainer", stream: BatchStream | None = None, folder: str | Path | None = None,
                        elapsed_s: float | None = None) -> Path:
     """Write a checkpoint (default folder: the trainer's ``checkpoint_dir``); refuses non-finite weights."""
     folder = Path(folder) if folder is not None else trainer.checkpoint_dir
@@ -53,7 +54,7 @@ def save_trainer_state(trainer: "Trainer", stream: BatchStream | None = None, fo
         elapsed_s=trainer.elapsed_s if elapsed_s is None else elapsed_s)
 
 
-def load_trainer_state(trainer: "Trainer", folder: str | Path | None = None,
+def load_trainer_state(trainer: "Trainer | CLTTrainer", folder: str | Path | None = None,
                        stream: BatchStream | None = None) -> ckpt.Checkpoint:
     """Restore weights, Adam, counters, dead-latent tracker and RNGs (see :meth:`Trainer.load_checkpoint`)."""
     folder = Path(folder) if folder is not None else trainer.checkpoint_dir
@@ -78,9 +79,10 @@ def load_trainer_state(trainer: "Trainer", folder: str | Path | None = None,
         if key not in c.tensors:
             raise CoderFileError(where, f"missing tensor {key!r}")
     since = c.tensors["dead.tokens_since_fired"]
-    if since.shape != (trainer.coder.n_latents,) or since.is_floating_point() or since.dtype == torch.bool \
+    n_tracked = trainer.tracker.tokens_since_fired.numel()  # latents (a CLT: layers x latents)
+    if since.shape != (n_tracked,) or since.is_floating_point() or since.dtype == torch.bool \
             or (since.numel() and int(since.min()) < 0):
-        raise CoderFileError(where, f"dead.tokens_since_fired must be {trainer.coder.n_latents} integers >= 0, "
+        raise CoderFileError(where, f"dead.tokens_since_fired must be {n_tracked} integers >= 0, "
                                     f"got {str(since.dtype).replace('torch.', '')} {tuple(since.shape)}")
     with torch.no_grad():
         trainer.coder.load_state_dict(c.coder.state_dict())

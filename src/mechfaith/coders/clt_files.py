@@ -1,0 +1,106 @@
+"""CLT files: a folder with ``config.json`` (format ``mechfaith.clt``) and ``weights.safetensors``.
+
+The same layout and checks as a coder folder (:mod:`mechfaith.coders.files`): written atomically,
+no pickle, the weights' SHA-256 required, tensor names and shapes checked against the config before
+anything is allocated, dtypes and finiteness checked (:mod:`mechfaith.coders.validate`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechfaith.atomic import atomic_dir
+from mechfaith.coders.clt import CrossLayerTranscoder
+from mechfaith.coders.clt_config import CLTConfig
+from mechfaith.coders.files import (
+    _SHA256,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_json,
+    read_tensors,
+    resolve_coder_folder,
+    write_tensors,
+)
+from mechfaith.coders.validate import check_fields
+from mechfaith.configs import config_from_dict, config_to_dict
+from mechfaith.errors import CoderFileError, ConfigError
+from mechfaith.jsonio import write_json
+
+FORMAT = "mechfaith.clt"
+FORMAT_VERSION = 1
+
+
+def save_clt(clt: CrossLayerTranscoder, folder: str | os.PathLike[str],
+             training: dict[str, Any] | None = None) -> Path:
+    """Save a CLT into ``folder`` (replaced whole, atomically). Returns the folder."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        digest = write_tensors(tmp / WEIGHTS_NAME, dict(clt.state_dict()), metadata={"format": FORMAT})
+        write_json(tmp / CONFIG_NAME, {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config_to_dict(clt.cfg),
+            "weights_sha256": digest,
+            "training": training or {},
+        })
+    return folder
+
+
+def folder_format(path: str | os.PathLike[str]) -> str | None:
+    """The ``format`` field of a folder's ``config.json`` (None when there is none or it is unreadable)."""
+    try:
+        meta = read_json(resolve_coder_folder(path) / CONFIG_NAME)
+    except CoderFileError:
+        return None
+    value = meta.get("format") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def is_clt_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a mechfaith CLT folder (or one of its two files)."""
+    return folder_format(path) == FORMAT
+
+
+def read_clt_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked contents of a CLT's ``config.json``."""
+    folder = resolve_coder_folder(path)
+    cfg_path = folder / CONFIG_NAME
+    meta = read_json(cfg_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CoderFileError(cfg_path, f"not a mechfaith cross-layer transcoder (format is not {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CoderFileError(cfg_path, f"format version {meta.get('format_version')!r} is not supported "
+                                       f"(this mechfaith reads version {FORMAT_VERSION})")
+    check_fields(cfg_path, meta, {"config": "dict", "weights_sha256": "str", "training": "dict|null"},
+                 required=("config", "weights_sha256"))
+    if not _SHA256.fullmatch(meta["weights_sha256"]):
+        raise CoderFileError(cfg_path, f"'weights_sha256' is not a SHA-256 ({meta['weights_sha256']!r:.80})")
+    return meta
+
+
+def load_clt(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
+    """Load a CLT saved by :func:`save_clt`; damage of any kind raises :class:`CoderFileError`."""
+    folder = resolve_coder_folder(path)
+    meta = read_clt_meta(folder)
+    try:
+        cfg = config_from_dict(CLTConfig, meta["config"])
+    except ConfigError as exc:
+        raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
+    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta["weights_sha256"])
+    expected = CrossLayerTranscoder.state_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CoderFileError(folder / WEIGHTS_NAME, f"tensors do not match the config "
+                                                    f"(missing: {missing or '-'}, unexpected: {extra or '-'})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != expected[name]:
+            raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
+                                                        f"the config implies {str(expected[name])[:80]}")
+    clt = CrossLayerTranscoder(cfg)
+    clt.load_state_dict(tensors)
+    return clt.to(map_location)
