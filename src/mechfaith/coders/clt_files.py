@@ -17,7 +17,7 @@ from mechfaith.atomic import atomic_dir
 from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLTConfig
 from mechfaith.coders.files import (
-    _SHA256,
+    SHA256_RE,
     CONFIG_NAME,
     WEIGHTS_NAME,
     read_json,
@@ -77,7 +77,7 @@ def read_clt_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
                                        f"(this mechfaith reads version {FORMAT_VERSION})")
     check_fields(cfg_path, meta, {"config": "dict", "weights_sha256": "str", "training": "dict|null"},
                  required=("config", "weights_sha256"))
-    if not _SHA256.fullmatch(meta["weights_sha256"]):
+    if not SHA256_RE.fullmatch(meta["weights_sha256"]):
         raise CoderFileError(cfg_path, f"'weights_sha256' is not a SHA-256 ({meta['weights_sha256']!r:.80})")
     return meta
 

@@ -33,7 +33,7 @@ FORMAT = "mechfaith.coder"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -139,7 +139,7 @@ def read_coder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
                                        f"(this mechfaith reads version {FORMAT_VERSION})")
     check_fields(cfg_path, meta, {"config": "dict", "weights_sha256": "str", "training": "dict|null"},
                  required=("config", "weights_sha256"))
-    if not _SHA256.fullmatch(meta["weights_sha256"]):
+    if not SHA256_RE.fullmatch(meta["weights_sha256"]):
         raise CoderFileError(cfg_path, f"'weights_sha256' is not a SHA-256 ({meta['weights_sha256']!r:.80})")
     return meta
 
