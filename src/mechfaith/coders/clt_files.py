@@ -17,8 +17,8 @@ from mechfaith.atomic import atomic_dir
 from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLTConfig
 from mechfaith.coders.files import (
-    SHA256_RE,
     CONFIG_NAME,
+    SHA256_RE,
     WEIGHTS_NAME,
     read_json,
     read_tensors,
