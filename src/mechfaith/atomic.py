@@ -4,12 +4,16 @@ A crash or a full disk leaves either the old file or the new one, never half of 
 are removed on every exit path; a process killed outright (SIGKILL, power loss) leaves its
 temporary behind, and the next atomic write of the same target removes it
 (:func:`clean_stale_temps`: only names of our own pattern, last changed before this process started).
+One killed in the instant between moving an old folder aside and putting the new one in its place
+leaves the old one as ``.<name>.old``: the next check or write of that target puts it back first
+(:func:`restore_interrupted`), as if the killed write had never started.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 import re
 import shutil
@@ -20,6 +24,7 @@ from typing import Callable, Collection, Iterator
 
 from mechfaith.errors import ConfigError
 
+log = logging.getLogger(__name__)
 STARTED = time.time()  # temporaries last changed before this (the import of this module) are stale
 # what tempfile.mkstemp/mkdtemp append to ".<target name>.": 8 random characters, [suffix] and ".tmp"
 _TEMP_TAIL = re.compile(r"[a-z0-9_]{8}(?:\.[^/]*)?\.tmp")
@@ -62,6 +67,24 @@ def clean_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
             continue
         removed.append(Path(entry.path))
     return removed
+
+
+def restore_interrupted(target: str | os.PathLike[str]) -> bool:
+    """Put back the old entry that a process killed outright while :func:`atomic_dir` replaced ``target``
+    left aside: a ``.<name>.old`` with nothing at ``target`` becomes ``target`` again (the new result,
+    in a temporary :func:`clean_stale_temps` removes later, is dropped). Returns whether it did."""
+    target = Path(target)
+    if target.name in ("", ".", ".."):
+        return False
+    old = target.with_name(f".{target.name}.old")
+    if os.path.lexists(target) or not os.path.lexists(old):
+        return False
+    try:
+        os.replace(old, target)
+    except FileNotFoundError:  # another process put it back first
+        return False
+    log.warning("%s was being replaced when a command was killed; its old contents are back in place", target)
+    return True
 
 
 def _make_folder(folder: Path) -> list[Path]:
@@ -135,6 +158,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     _check_target(target)
+    restore_interrupted(target)
     with contextlib.suppress(OSError):  # (a deleted current folder holds nothing)
         if Path.cwd().resolve().is_relative_to(target.resolve()):
             raise ConfigError(f"{target} is the current folder or holds it: it cannot be replaced "
@@ -216,6 +240,7 @@ def check_replaceable(target: str | os.PathLike[str], own_names: Collection[str]
     folder of other things, unless ``overwrite`` (then the caller replaces it whole, with
     :func:`atomic_dir`); never the current folder or one that holds it."""
     path = Path(target)
+    restore_interrupted(path)  # a replacement killed half-way: check (and keep) the old entry
     if not os.path.lexists(path):
         return
     with contextlib.suppress(OSError):

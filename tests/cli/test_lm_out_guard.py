@@ -46,8 +46,12 @@ def test_out_is_refused_unless_new_empty_or_our_own(command, source, tmp_path, c
     assert a_file.read_text() == "mine" and sorted(p.name for p in crowded.iterdir()) == ["thesis.tex"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or .old left behind
     monkeypatch.chdir(crowded)
-    assert main(_argv(command, src, ".")) == 2
-    capsys.readouterr()
+    for argv in (_argv(command, src, "."), [*_argv(command, src, "."), "--overwrite"]):  # --out . : no crash
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mechfaith: error:") and "current folder" in err[0], err
+    assert sorted(p.name for p in crowded.iterdir()) == ["thesis.tex"]  # no temporary left, inside or beside
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # new, then again into what it wrote: both fine
     fresh = tmp_path / "fresh"
     assert main(_argv(command, src, fresh)) == 0

@@ -43,6 +43,7 @@ def _swap(data: dict[str, Any], folder: Path) -> None:
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "bad json": (_text('{"format": "mechfaith.coder_set", "layers": [0,'), "not valid JSON"),
     "not an object": (_text("[0, 1]"), "not a mechfaith coder set"),
+    "nested too deep": (_text("[" * 100_000 + "]" * 100_000), "nested deeper than 64 levels"),
     "foreign format": (_edit(lambda d, f: d.update(format="saelens")), "not a mechfaith coder set"),
     "newer version": (_edit(lambda d, f: d.update(format_version=2)), "format_version 2 is not supported"),
     "missing field": (_edit(lambda d, f: d.pop("model")), "missing field(s) model"),

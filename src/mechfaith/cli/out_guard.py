@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
-from mechfaith.atomic import atomic_dir, check_file_replaceable, check_replaceable
+from mechfaith.atomic import atomic_dir, check_file_replaceable, check_replaceable, clean_stale_temps
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.jsonio import loads_json
 
@@ -52,7 +52,8 @@ def run_output(out: str | os.PathLike[str], own_names: Collection[str], what: st
     """Check ``out`` (module docstring), then yield where a command that writes as it goes writes: ``out``
     itself when it is new, empty or its own earlier folder; with ``overwrite`` over an existing entry, a
     temporary folder that replaces it whole once the block completes (a run stopped before then leaves
-    nothing behind, and nothing to resume)."""
+    nothing behind, and nothing to resume; one killed outright leaves its temporary, which the next run
+    writing ``out`` removes)."""
     path = Path(out)
     if overwrite and resume:
         raise ConfigError("--resume continues the run in --out and --overwrite would replace it: give one of them")
@@ -64,6 +65,7 @@ def run_output(out: str | os.PathLike[str], own_names: Collection[str], what: st
         with atomic_dir(path) as tmp:
             yield tmp
     else:
+        clean_stale_temps(path)  # what an earlier --overwrite run, killed outright, left beside it
         yield path
 
 
