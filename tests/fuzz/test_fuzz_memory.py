@@ -44,7 +44,8 @@ def read_cache(path):
 
 LOAD = {"pt": import_gpt2_transcoder, "coder": load_coder, "saelens": import_saelens, "cache": read_cache,
         "checkpoint": load_checkpoint}
-cases, warm = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+with open(sys.argv[1]) as fh:
+    cases, warm = json.load(fh)
 for kind, path in warm.items():  # every lazy import done before measuring
     LOAD[kind](path)
 with open("/proc/self/status") as fh:
@@ -113,7 +114,8 @@ def test_loaders_take_memory_bounded_by_the_file_size(tmp_path: Path) -> None:
             "saelens": str(inputs.SAELENS / "jumprelu"), "cache": str(inputs.activation_cache()),
             "checkpoint": str(inputs.demo_run() / "checkpoint")}
     env = {**os.environ, "PYTHONPATH": str(Path(mechfaith.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(cases), json.dumps(warm)],
+    (tmp_path / "cases.json").write_text(json.dumps([cases, warm]))
+    run = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "cases.json")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
