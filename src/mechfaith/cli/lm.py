@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mechfaith.atomic import check_replaceable
-from mechfaith.cli.arg_types import device, layers_spec, nonneg_float, positive_int
+from mechfaith.cli.arg_types import device, layers_spec, nonneg_float, nonneg_int, positive_int
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
 from mechfaith.cli.lm_configs import data_configs, train_configs
 from mechfaith.cli.lm_files import check_eval_out, run_export, run_import
@@ -105,6 +105,13 @@ def _add_train_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                         "range like 0-29 or a list like 1,3,5 (a replacement set: OUT/set.json and "
                         "OUT/layers/L<l>/; replaces --layer); under torchrun the processes share the layers. "
                         "A set's defaults: 206k tokens, 200 steps, x4 latents, k 32")
+    p.add_argument("--clt", action="store_true",
+                   help="train ONE cross-layer transcoder over the contiguous block --layers A-B (latents of each "
+                        "layer write to that layer's MLP output and every later one of the block): OUT/clt/; "
+                        "--n-latents and --k are per layer")
+    p.add_argument("--reach", type=nonneg_int, default=None,
+                   help="with --clt: each latent writes to at most this many later layers (default: all; 0: a "
+                        "per-layer transcoder set)")
     _common(p)
     _add_lm_args(p, coder=True, train=True)
     _set_default_help(p, _lm_train_defaults())
@@ -244,6 +251,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
     profile = QUICK_PROFILE if args.quick else SET_PROFILE if args.layers is not None else None
     lm_cfg, corpus_cfg, coder_cfg, train_cfg = train_configs(args, profile=profile)
+    if args.reach is not None and not args.clt:
+        raise ConfigError("--reach applies to --clt only")
+    if args.clt:
+        from mechfaith.cli.lm_clt import run_train_clt
+
+        return run_train_clt(args, lm_cfg, corpus_cfg, coder_cfg, train_cfg, progress=_progress(args))
     if args.layers is not None:
         from mechfaith.cli.lm_set import run_train_set
 
@@ -284,6 +297,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         eval_contexts=args.eval_contexts or (SET_EVAL_CONTEXTS if is_coder_set(args.coder) else base.eval_contexts),
         batch_contexts=args.batch_contexts or base.batch_contexts, device=args.device, dtype=args.dtype,
         exclude_bos=not args.include_bos)
+    from mechfaith.cli.lm_clt import is_clt_run
+
+    if is_clt_run(args.coder):
+        from mechfaith.cli.lm_clt import print_clt_eval
+
+        if args.layer is not None:
+            raise ConfigError("--layer does not apply to a CLT (lm eval RUN splices its whole block)")
+        check_eval_out(args, True)
+        return print_clt_eval(args, lm_cfg, None, args.coder, args.out)
     check_eval_out(args, is_coder_set(args.coder))
     if is_coder_set(args.coder):
         from mechfaith.cli.lm_set import run_eval_set

@@ -11,7 +11,7 @@ from mechfaith.atomic import check_replaceable
 from mechfaith.cli.out_guard import check_out_file, json_written_by
 from mechfaith.errors import ConfigError
 
-EVAL_COMMANDS = ("eval", "eval-set")  # the "command" of the JSON files lm eval writes
+EVAL_COMMANDS = ("eval", "eval-set", "eval-clt")  # the "command" of the JSON files lm eval writes
 
 
 def check_eval_out(args: argparse.Namespace, is_set: bool) -> None:

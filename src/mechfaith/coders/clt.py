@@ -32,7 +32,7 @@ without reading that layer's input (the shortcut the multi-hop toy measures).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -205,6 +205,32 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Latents [L, B, n]."""
         return self.activate(self.encode_pre(self.check_input(x)))[0]
+
+    def encode_layer(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f, pre)`` [..., n] of block layer ``layer`` for its inputs x [..., d_in] (any leading
+        shape: a model's [batch, seq, d] too); the same values as :meth:`forward_full`'s row."""
+        pre = x @ self.W_enc[layer] + self.b_enc[layer]
+        cfg = self.cfg
+        if cfg.activation == "relu":
+            f, _ = acts.relu(pre)
+        elif cfg.activation == "topk":
+            f, _ = acts.topk(pre, cfg.k)
+        else:
+            f, _ = acts.jumprelu(pre, self.threshold()[layer], cfg.jumprelu_bandwidth)
+        return f, pre
+
+    def decode_layer(self, layer: int, latents: Mapping[int, Tensor], x: Tensor | None = None) -> Tensor:
+        """The reconstructed output [..., d_out] of block layer ``layer`` from the latents of every
+        layer that writes to it (``latents[s]`` [..., n] for each s in :meth:`sources_of`), plus the
+        skip of that layer's input ``x`` when given."""
+        y = self.b_dec[layer]
+        for s in self.sources_of(layer):
+            if s not in latents:
+                raise InputError(f"decode_layer({layer}) needs the latents of layer {s}")
+            y = y + latents[s] @ self.decoder_to(s, layer)
+        if self.W_skip is not None and x is not None:
+            y = y + x @ self.W_skip[layer]
+        return y
 
     def local_jvp(self, out: CLTOutput, v: Tensor) -> Tensor:
         """``J_t v[t]`` for every block layer t [L, B, d_out], tangents v [L, B, d_in], given the

@@ -52,7 +52,7 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
     ``record(layer, x, y_hat)`` is called with each coder input and output (for statistics).
     """
     adapter = get_adapter(model)
-    keep = _Keep(keep_bos, keep_massive)
+    keep = KeepPositions(keep_bos, keep_massive)
     if input_site not in SPLICE_INPUT_SITES:
         raise ConfigError(f"input_site must be one of {', '.join(SPLICE_INPUT_SITES)}, not {input_site!r}")
     check_output_site(adapter, output_site)
@@ -85,7 +85,7 @@ def splice(model: Any, coders: Mapping[int, Coder], input_site: str = "mlp_in",
 
 
 @dataclass(frozen=True)
-class _Keep:
+class KeepPositions:
     """Which positions keep the model's own MLP output (see :func:`splice`)."""
 
     bos: bool
@@ -105,7 +105,7 @@ class _Keep:
         return y_hat
 
 
-def _coder_output(coder: Coder, x: Tensor, y: Tensor, layer: int, keep: _Keep,
+def _coder_output(coder: Coder, x: Tensor, y: Tensor, layer: int, keep: KeepPositions,
                   record: Recorder | None) -> Tensor:
     """The coder's replacement of MLP output ``y`` from input ``x`` (shape-checked, in y's dtype)."""
     y_hat = coder(x.to(_param_dtype(coder, x.dtype)))
