@@ -2,8 +2,8 @@
 # Interop against the real libraries, in one command (not run in CI): build (or reuse) the peers'
 # separate environment, regenerate every committed format fixture with the library that owns the
 # format, and load mechfaith's exports of every kind in that library, printing the largest difference
-# per kind. The tests in CI (tests/lm/test_*_fixtures.py, test_circuit_tracer_format.py) then check
-# mechfaith against the regenerated files without the libraries.
+# per kind. The tests in CI (tests/lm/test_*_fixtures.py, test_circuit_tracer_format.py,
+# test_circuit_tracer_clt.py) then check mechfaith against the regenerated files without the libraries.
 #
 #   bash benchmarks/check_formats.sh [VENV]      # default VENV: /tmp/peers-venv (built if missing)
 #
@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import sae_lens, sparsify, dictionary_learning, circ
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
-for lib in saelens sparsify dictionary_learning circuit_tracer; do
+for lib in saelens sparsify dictionary_learning circuit_tracer circuit_tracer_clt; do
     echo "=== $lib"
     if ! "$VENV/bin/python" "benchmarks/make_${lib}_fixtures.py"; then
         failed+=("$lib")

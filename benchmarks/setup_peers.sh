@@ -46,4 +46,4 @@ import torch, sae_lens, sparsify  # noqa: F401
 print(f"ok: torch {torch.__version__}, sae-lens {sae_lens.__version__}")
 EOF
 echo "run: PYTHONPATH=src $VENV/bin/python benchmarks/bench_peers.py"
-echo "fixtures: PYTHONPATH=src $VENV/bin/python benchmarks/make_{saelens,sparsify,dictionary_learning,circuit_tracer}_fixtures.py"
+echo "fixtures: PYTHONPATH=src $VENV/bin/python benchmarks/make_{saelens,sparsify,dictionary_learning,circuit_tracer,circuit_tracer_clt}_fixtures.py"

@@ -3,11 +3,13 @@ into mechfaith, SAELens or sparsify files.
 
 SRC (told from its files): a mechfaith coder folder or run folder, a mechfaith set (set.json), a
 SAELens folder, a sparsify folder or run, a legacy GPT-2 transcoder .pt. FORMAT: mechfaith,
-saelens, sparsify or circuit-tracer (sets only; dictionary-learning: not yet supported). A set becomes a
-set: a mechfaith set, one SAELens folder per layer (DST/L<l>/) or a sparsify run
-(DST/<hookpoint>/). What the target cannot hold is refused in one line, nothing written. DST is
-written whole, only when it is new, empty, or a conversion of the same kind written before
-(--overwrite: any other folder or file there, replaced whole once the conversion is complete).
+saelens, sparsify or circuit-tracer (sets and cross-layer transcoders only; dictionary-learning: not
+yet supported). A set becomes a set: a mechfaith set, one SAELens folder per layer (DST/L<l>/) or a
+sparsify run (DST/<hookpoint>/). A cross-layer transcoder (a mechfaith CLT folder, or circuit-tracer's
+W_enc_<i>/W_dec_<i>.safetensors) becomes a mechfaith CLT folder or circuit-tracer's CLT files. What
+the target cannot hold is refused in one line, nothing written. DST is written whole, only when it is
+new, empty, or a conversion of the same kind written before (--overwrite: any other folder or file
+there, replaced whole once the conversion is complete).
 """
 
 from __future__ import annotations

@@ -42,8 +42,10 @@ Modules (import them directly; none imports transformers at import time except t
 - ``coder_set``: a set as every command reads it: the checked manifest (``read_set``), each layer's
   coder folder, one layer, SAELens export of every layer, the summary ``inspect SET`` shows (a
   sparsify run read as a set too).
-- ``convert``: ``mechfaith convert``, a coder or a set from any readable format into mechfaith,
-  SAELens or sparsify files.
+- ``circuit_tracer`` / ``circuit_tracer_set`` / ``circuit_tracer_clt``: circuit-tracer's per-layer
+  transcoder sets and its cross-layer transcoder files, both ways.
+- ``convert``: ``mechfaith convert``, a coder, a set or a cross-layer transcoder from any readable
+  format into mechfaith, SAELens, sparsify or circuit-tracer files.
 - ``set_eval``: a set spliced in all at once, each layer alone and every prefix, against the
   zero-ablated baseline (``evaluate_set``, ``SetEvalResult`` = ``SET/eval.json``, ``lm eval SET``).
 - ``faithfulness``: the tokens and reference of the faithfulness report of an LM transcoder.

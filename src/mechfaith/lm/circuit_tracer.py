@@ -65,8 +65,11 @@ def is_circuit_tracer_set(path: str | Path) -> bool:
     return p.is_dir() and ((p / CT_CONFIG).is_file() or (p / "layer_0.safetensors").is_file())
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """``config.yaml`` checked (empty when absent)."""
+KINDS = {"transcoder_set": "per-layer transcoder sets", "cross_layer_transcoder": "cross-layer transcoders"}
+
+
+def read_config(folder: Path, kind: str = "transcoder_set") -> dict[str, Any]:
+    """``config.yaml`` checked (empty when absent); its ``model_kind`` (when given) must be ``kind``."""
     path = folder / CT_CONFIG
     if not path.is_file():
         return {}
@@ -77,10 +80,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     data = require_dict(path, data, "a YAML mapping")
     check_fields(path, data, {"model_kind": "str", "model_name": "str|null", "feature_input_hook": "str",
                               "feature_output_hook": "str", "scan": "str|list|null", "transcoders": "list"})
-    kind = data.get("model_kind", "transcoder_set")
-    if kind != "transcoder_set":
-        raise CoderFileError(path, f"model_kind {kind!r} is not supported: mechfaith reads per-layer transcoder "
-                                   "sets (model_kind transcoder_set)")
+    found = data.get("model_kind", kind)
+    if found != kind:
+        raise CoderFileError(path, f"model_kind {found!r} is not supported by this reader: it reads {KINDS[kind]} "
+                                   f"(model_kind {kind})")
     return data
 
 

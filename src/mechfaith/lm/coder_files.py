@@ -22,7 +22,7 @@ from mechfaith.errors import CoderFileError
 from mechfaith.lm.circuit_tracer import import_circuit_tracer_layer
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.dictionary_learning import import_dictionary_learning
-from mechfaith.lm.formats import FORMATS, SET_FORMATS, detect_format
+from mechfaith.lm.formats import CLT_FORMATS, FORMATS, SET_FORMATS, detect_format
 from mechfaith.lm.gpt2_transcoders import import_gpt2_transcoder
 from mechfaith.lm.saelens import import_saelens
 from mechfaith.lm.sparsify_read import import_sparsify
@@ -51,6 +51,9 @@ def open_coder(path: str | Path) -> CoderRef:
     if found.format in SET_FORMATS:
         raise CoderFileError(path, f"this is a {FORMATS[found.format]}, not one coder: give one of its coder "
                                    f"folders, or use a command that takes a set")
+    if found.format in CLT_FORMATS:
+        raise CoderFileError(path, f"this is a {FORMATS[found.format]}, not one coder (mechfaith converts it: "
+                                   f"mechfaith convert --to mechfaith|circuit-tracer)")
     readers = {"saelens": import_saelens, "sparsify": import_sparsify, "gpt2-pt": import_gpt2_transcoder,
                "dictionary-learning": import_dictionary_learning, "circuit-tracer-layer": import_circuit_tracer_layer}
     if found.format in readers:

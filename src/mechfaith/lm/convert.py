@@ -8,6 +8,9 @@
   mechfaith set (``set.json`` + ``layers/L<l>/coder``), a circuit-tracer set
   (``OUT/layer_<l>.safetensors`` + ``config.yaml``; sets only), one SAELens folder per layer (``OUT/L<l>/``, as
   ``lm export SET``) or a sparsify run (``OUT/<hookpoint>/``).
+- A cross-layer transcoder (a mechfaith CLT folder or a circuit-tracer CLT) becomes a mechfaith CLT
+  folder or a circuit-tracer CLT (``OUT/W_enc_<i>.safetensors``, ``W_dec_<i>.safetensors``,
+  ``config.yaml``; :mod:`mechfaith.lm.circuit_tracer_clt`); SAELens and sparsify hold no CLT.
 
 What the target cannot hold is refused in one line before anything is written (SAELens has no
 TopK transcoder; sparsify holds TopK coders only). ``OUT`` is written whole and atomically, and
@@ -23,14 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechfaith.atomic import atomic_dir, check_replaceable
+from mechfaith.coders.clt_files import load_clt, read_clt_meta, save_clt
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, save_coder
 from mechfaith.errors import ConfigError
 from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.circuit_tracer import export_circuit_tracer_set
+from mechfaith.lm.circuit_tracer_clt import CircuitTracerCLT, export_circuit_tracer_clt, read_circuit_tracer_clt
 from mechfaith.lm.circuit_tracer_set import circuit_tracer_refs
 from mechfaith.lm.coder_files import CODER_DIR, CoderRef, open_coder
 from mechfaith.lm.coder_set import export_refs_saelens, read_set, set_coder_folders
-from mechfaith.lm.formats import FORMATS, SET_FORMATS, detect_format
+from mechfaith.lm.formats import CLT_FORMATS, FORMATS, SET_FORMATS, detect_format
 from mechfaith.lm.layer_set import LAYERS_DIR, SET_JSON, SetResult
 from mechfaith.lm.saelens import SAELENS_CFG, SAELENS_WEIGHTS, export_saelens
 from mechfaith.lm.sparsify import SPARSIFY_CFG, SPARSIFY_WEIGHTS, export_set_sparsify, export_sparsify
@@ -70,9 +75,12 @@ def convert(src: str | Path, to: str, out: str | Path) -> ConvertResult:
     check_apart(Path(src), out)
     if found.format in SET_FORMATS:
         return convert_set(found.path, found.format, to, out)
+    if found.format in CLT_FORMATS:
+        return convert_clt(found.path, found.format, to, out)
     if to == "circuit-tracer":
         raise ConfigError(f"--to circuit-tracer: {src} is one coder; circuit-tracer reads sets of transcoders for every "
-                          f"layer from 0 (give a set: a mechfaith set, a sparsify run or a circuit-tracer set)")
+                          f"layer from 0 (give a set: a mechfaith set, a sparsify run or a circuit-tracer set; "
+                          f"or a cross-layer transcoder)")
     ref = open_coder(found.path)
     cfg = ref.coder.cfg
     kind = f"{cfg.activation} {cfg.kind}" + (" with a skip" if cfg.skip else "")
@@ -113,6 +121,37 @@ def convert_set(folder: Path, source_format: str, to: str, out: Path) -> Convert
     else:
         written = write_mechfaith_set(manifest, refs, out, f"converted from {folder} ({FORMATS[source_format]})")
     return ConvertResult(folder, source_format, to, out, "set", None, written)
+
+
+def read_any_clt(folder: Path, source_format: str) -> CircuitTracerCLT:
+    """A mechfaith or circuit-tracer CLT, with its model and sites (those of a mechfaith CLT from its
+    ``training`` metadata, when it names them)."""
+    if source_format == "circuit-tracer-clt":
+        return read_circuit_tracer_clt(folder)
+    meta = read_clt_meta(folder).get("training") or {}
+    text = {k: v if isinstance(v := meta.get(k), str) else None for k in ("model", "input_site", "output_site")}
+    return CircuitTracerCLT(load_clt(folder), text["model"], None, None, None, text["input_site"],
+                            text["output_site"])
+
+
+def convert_clt(folder: Path, source_format: str, to: str, out: Path) -> ConvertResult:
+    """A cross-layer transcoder as a mechfaith CLT folder or a circuit-tracer CLT."""
+    if to not in ("mechfaith", "circuit-tracer"):
+        raise ConfigError(f"--to {to}: {folder} is a cross-layer transcoder, which {to} files cannot hold "
+                          "(mechfaith converts a CLT to mechfaith or circuit-tracer); nothing written")
+    c = read_any_clt(folder, source_format)
+    cfg = c.clt.cfg
+    kind = f"{cfg.activation} cross-layer transcoder over {cfg.n_layers} layers" + (" with a skip" if cfg.skip else "")
+    if to == "circuit-tracer":
+        export_circuit_tracer_clt(c.clt, out, model_name=c.model_name, input_site=c.input_site or "mlp_in",
+                                  output_site=c.output_site or "mlp_out", scan=c.scan)
+    else:
+        check_replaceable(out, (CONFIG_NAME, WEIGHTS_NAME), "mechfaith CLT folder")
+        save_clt(c.clt, out, training=json_safe({
+            "source": f"converted from {folder} ({FORMATS[source_format]})", "model": c.model_name,
+            "input_site": c.input_site, "output_site": c.output_site, "feature_input_hook": c.feature_input_hook,
+            "feature_output_hook": c.feature_output_hook, "scan": c.scan}))
+    return ConvertResult(folder, source_format, to, out, kind, None, {})
 
 
 def write_mechfaith_set(manifest: SetResult, refs: dict[int, CoderRef], out: Path, source: str) -> dict[int, Path]:

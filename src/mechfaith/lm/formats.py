@@ -6,8 +6,11 @@ folder (``cfg.json`` + ``sae_weights.safetensors``), a sparsify folder (``cfg.js
 ``sae.safetensors``), a sparsify run (sub-folders that are sparsify folders, one per hookpoint),
 a dictionary_learning dictionary (``ae.pt`` or a checkpoint ``ae_<step>.pt``, or a folder holding
 ``ae.pt`` beside its ``config.json``), a circuit-tracer set (``config.yaml`` and/or
-``layer_<i>.safetensors``; one layer file of it is one coder) and a legacy GPT-2 transcoder ``.pt``
-(any other ``.pt``).
+``layer_<i>.safetensors``; one layer file of it is one coder), a legacy GPT-2 transcoder ``.pt``
+(any other ``.pt``), and two kinds of cross-layer transcoder (:data:`CLT_FORMATS`, neither a coder
+nor a set): a mechfaith CLT folder (``config.json`` of format ``mechfaith.clt``) and a circuit-tracer
+CLT (``W_enc_<i>`` / ``W_dec_<i>.safetensors``, a ``config.yaml`` of model_kind
+``cross_layer_transcoder``).
 One of the folder's files may be given for the folder.
 A ``cfg.json`` without either weights file is told by its fields (SAELens's ``d_sae``,
 ``architecture``, ``hook_name``...; sparsify's ``num_latents``, ``expansion_factor``,
@@ -20,9 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mechfaith.coders.clt_files import is_clt_folder
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, read_json
 from mechfaith.errors import CoderFileError, MechfaithError
 from mechfaith.lm.circuit_tracer import CT_CONFIG, LAYER_FILE, is_circuit_tracer_set
+from mechfaith.lm.circuit_tracer_clt import DEC_FILE, ENC_FILE, is_circuit_tracer_clt
 from mechfaith.lm.dictionary_learning import DL_WEIGHTS, is_dictionary_learning_file
 from mechfaith.lm.saelens_format import SAELENS_CFG, SAELENS_WEIGHTS
 from mechfaith.lm.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_run
@@ -40,8 +45,11 @@ FORMATS = {
     "circuit-tracer": f"circuit-tracer transcoder set ({CT_CONFIG} + layer_<i>.safetensors)",
     "circuit-tracer-layer": "circuit-tracer layer file (layer_<i>.safetensors of a set)",
     "gpt2-pt": "legacy GPT-2 transcoder (.pt)",
+    "mechfaith-clt": f"mechfaith cross-layer transcoder ({CONFIG_NAME} of format mechfaith.clt + {WEIGHTS_NAME})",
+    "circuit-tracer-clt": "circuit-tracer cross-layer transcoder (W_enc_<i> / W_dec_<i>.safetensors, config.yaml)",
 }
 SET_FORMATS = ("mechfaith-set", "sparsify-run", "circuit-tracer")
+CLT_FORMATS = ("mechfaith-clt", "circuit-tracer-clt")
 SAELENS_FIELDS = ("d_sae", "architecture", "hook_name", "hook_point", "sae_lens_version", "metadata",
                   "apply_b_dec_to_input")
 SPARSIFY_FIELDS = ("num_latents", "expansion_factor", "transcode", "skip_connection", "multi_topk",
@@ -88,6 +96,8 @@ def _folder_format(folder: Path) -> Detected | None:
     if (folder / DL_WEIGHTS).is_file():  # its config.json is not mechfaith's
         return Detected("dictionary-learning", folder)
     if (folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
+        if is_clt_folder(folder):
+            return Detected("mechfaith-clt", folder)
         if is_sparsify_run(folder):  # sparsify's trainer writes the run's config.json beside them
             return Detected("sparsify-run", folder)
         return Detected("mechfaith", folder)
@@ -96,6 +106,8 @@ def _folder_format(folder: Path) -> Detected | None:
         return Detected(found, folder) if found else None
     if is_sparsify_run(folder):
         return Detected("sparsify-run", folder)
+    if is_circuit_tracer_clt(folder):
+        return Detected("circuit-tracer-clt", folder)
     if is_circuit_tracer_set(folder):
         return Detected("circuit-tracer", folder)
     if (folder / RUN_CODER_DIR).is_dir():
@@ -114,6 +126,9 @@ def detect_format(path: str | Path) -> Detected:
             found = Detected("dictionary-learning", p)
         elif p.suffix == ".pt":
             found = Detected("gpt2-pt", p)
+        elif is_circuit_tracer_clt(p.parent) and (p.name == CT_CONFIG or ENC_FILE.fullmatch(p.name)
+                                                  or DEC_FILE.fullmatch(p.name)):
+            found = Detected("circuit-tracer-clt", p.parent)
         elif p.name == CT_CONFIG:
             found = Detected("circuit-tracer", p.parent)
         elif LAYER_FILE.fullmatch(p.name) and is_circuit_tracer_set(p.parent):
@@ -123,6 +138,8 @@ def detect_format(path: str | Path) -> Detected:
             found = Detected(fmt, p.parent) if fmt else None
         else:
             fmt = FILE_NAMES.get(p.name)
+            if fmt == "mechfaith" and is_clt_folder(p.parent):
+                fmt = "mechfaith-clt"
             found = Detected(fmt, p.parent) if fmt else None
     else:
         found = _folder_format(p)
