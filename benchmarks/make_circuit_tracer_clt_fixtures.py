@@ -9,17 +9,19 @@ its transcoder code is used), from the repository root:
 
 1. Fixtures (``tests/fixtures/circuit_tracer_clt/<name>/``): 3-layer CLTs (d_model 16, d_transcoder 32;
    seeded random weights) built with circuit-tracer's ``CrossLayerTranscoder`` (``jump_relu`` or
-   ``relu``), written by its own ``to_safetensors`` (``W_enc_<i>`` / ``W_dec_<i>`` files) and loaded by
-   its own ``load_clt`` (lazy decoders, its default). circuit-tracer writes no ``config.yaml`` beside
-   them (the Hub's CLT folders carry one): the script writes the fields its ``load_transcoders`` reads.
+   ``relu``), written by its own ``to_safetensors`` (``W_enc_<i>`` / ``W_dec_<i>`` files). circuit-tracer
+   writes no ``config.yaml`` beside them (the Hub's CLT folders carry one; its transcoder cache holds
+   one): the script writes the fields it reads, and every CLT here is loaded by circuit-tracer's
+   ``load_transcoders_from_cache`` from a copy of its folder in a temporary cache (``config.yaml`` read
+   by circuit-tracer, then ``load_clt`` with its hooks, lazy decoders: its defaults).
    ``expected.safetensors``: inputs ``x`` [3, 8, 16] (seeded) and the loaded CLT's ``encode``
    (``features``) and reconstruction (``compute_attribution_components``, no position zeroed;
    ``reconstruction``), both [layers, tokens, ...].
 2. The skip connection: a circuit-tracer CLT with ``W_skip`` saved and reloaded by circuit-tracer
    comes back without it (checked: the reason mechfaith refuses to write a CLT with a skip).
 3. Exports: mechfaith CLTs of every kind written with ``export_circuit_tracer_clt`` and loaded by
-   ``load_clt``; largest differences printed; TopK, skip, a block not from layer 0 and d_out != d_in
-   refused. The reach-1 JumpReLU one is recorded (``from_mechfaith/``: the CLT as a mechfaith folder,
+   circuit-tracer (as above); largest differences printed; TopK, skip, a block not from layer 0 and
+   d_out != d_in refused. The reach-1 JumpReLU one is recorded (``from_mechfaith/``: the CLT as a mechfaith folder,
    and ``expected.safetensors``: what circuit-tracer computes from its export).
 4. Imports: every fixture read with ``read_circuit_tracer_clt``; largest differences printed.
 """
@@ -47,6 +49,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder as CTCLT  # noqa: E402
 from circuit_tracer.transcoder.cross_layer_transcoder import load_clt  # noqa: E402
+from circuit_tracer.utils.caching import get_cached_path, load_transcoders_from_cache  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mechfaith.coders.clt import CrossLayerTranscoder  # noqa: E402
@@ -83,6 +86,21 @@ def outputs(clt: CTCLT, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"features": clt.encode(x).contiguous(), "reconstruction": recon.contiguous()}
 
 
+def load(folder: Path, cache: Path) -> CTCLT:
+    """circuit-tracer's own loading of a CLT folder with its config.yaml: copied into a cache, loaded
+    from there (the hooks checked to be those of config.yaml)."""
+    ref = f"mechfaith-fixtures/{folder.name}"
+    target = get_cached_path(ref, cache)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(folder, target)
+    clt, config = load_transcoders_from_cache(ref, cache_dir=cache, device=CPU, dtype=torch.float32)
+    assert config["model_kind"] == "cross_layer_transcoder" and isinstance(clt, CTCLT)
+    assert (clt.feature_input_hook, clt.feature_output_hook) == (config["feature_input_hook"],
+                                                                 config["feature_output_hook"])
+    return clt
+
+
 def inputs(seed: int = 1234) -> torch.Tensor:
     return torch.randn(L, BATCH, D, generator=torch.Generator().manual_seed(seed))
 
@@ -97,13 +115,15 @@ def make_fixtures(out: Path) -> list[str]:
         config = {"model_name": "HuggingFaceTB/SmolLM2-135M", "model_kind": "cross_layer_transcoder", **HOOKS,
                   "scan": f"fixture/{name}"}
         (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        loaded = load_clt(str(folder), device=CPU, dtype=torch.float32, **HOOKS)
-        save_file({"x": x, **outputs(loaded, x)}, str(folder / "expected.safetensors"))
+        with tempfile.TemporaryDirectory() as cache:
+            loaded = load(folder, Path(cache))
+            save_file({"x": x, **outputs(loaded, x)}, str(folder / "expected.safetensors"))
     (out / "README.md").write_text(
         f"CLT files written by circuit-tracer {circuit_tracer.__version__} itself (`CrossLayerTranscoder.to_safetensors`,\n"
         "`benchmarks/make_circuit_tracer_clt_fixtures.py`, run in the peers' venv). `config.yaml` is NOT written by\n"
         "circuit-tracer (it writes none beside them): the script writes the fields its `load_transcoders` reads.\n"
-        "`expected.safetensors` holds what the CLT loaded by circuit-tracer's `load_clt` computes (`features`,\n"
+        "`expected.safetensors` holds what the CLT loaded by circuit-tracer (`load_transcoders_from_cache`, from a\n"
+        "copy of the folder in a temporary cache: config.yaml, then `load_clt`) computes (`features`,\n"
         "`reconstruction` on inputs `x`). `from_mechfaith/`: a mechfaith CLT (reach 1, JumpReLU) and what\n"
         "circuit-tracer computes from its export. Checked by `tests/lm/test_circuit_tracer_clt.py`.\n")
     return list(FIXTURES)
@@ -145,7 +165,7 @@ REFUSED = ("topk", "jumprelu skip", "jumprelu layers 2..4", "jumprelu 16 -> 12")
 
 @torch.no_grad()
 def check_exports(out: Path) -> bool:
-    print(f"\nmechfaith CLTs loaded by circuit-tracer {circuit_tracer.__version__} (load_clt):")
+    print(f"\nmechfaith CLTs loaded by circuit-tracer {circuit_tracer.__version__} (load_transcoders_from_cache):")
     ok, x = True, inputs(5)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (kind, kw) in enumerate(EXPORTS.items()):
@@ -158,7 +178,7 @@ def check_exports(out: Path) -> bool:
                 print(f"  {kind:22s} refused{'' if fine else ' (UNEXPECTED)'}: {exc}")
                 continue
             ok &= kind not in REFUSED
-            theirs = outputs(load_clt(str(folder), device=CPU, dtype=torch.float32), x)
+            theirs = outputs(load(folder, Path(tmp) / "cache"), x)
             d_f = (theirs["features"] - clt.encode(x)).abs().max().item()
             d_o = (theirs["reconstruction"] - clt(x)).abs().max().item()
             ok &= max(d_f, d_o) < 1e-5
