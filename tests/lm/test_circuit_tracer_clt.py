@@ -248,6 +248,17 @@ def test_convert_a_circuit_tracer_clt_and_back(tmp_path, name):
     _same(ours, read_circuit_tracer_clt(tmp_path / "ct2").clt)
 
 
+def test_a_clt_run_folder_converts(tmp_path):
+    clt = _clt(7, reach=1)
+    save_clt(clt, tmp_path / "run" / "clt", training={"model": "gpt2", "input_site": "mlp_in", "output_site": "mlp_out"})
+    assert detect_format(tmp_path / "run") == Detected("mechfaith-clt", tmp_path / "run" / "clt")
+    r = convert(tmp_path / "run", "circuit-tracer", tmp_path / "ct")
+    assert r.source_format == "mechfaith-clt"
+    c = read_circuit_tracer_clt(tmp_path / "ct")
+    _same(clt, c.clt)
+    assert (c.model_name, c.feature_input_hook, c.feature_output_hook) == ("gpt2", "mlp.hook_in", "hook_mlp_out")
+
+
 def test_convert_cli_refuses_in_one_line_with_exit_2(tmp_path, capsys):
     save_clt(_clt(skip=True), tmp_path / "skip")
     assert main(["convert", str(tmp_path / "skip"), "--to", "circuit-tracer", "--out", str(tmp_path / "ct")]) == 2

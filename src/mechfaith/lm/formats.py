@@ -8,7 +8,8 @@ a dictionary_learning dictionary (``ae.pt`` or a checkpoint ``ae_<step>.pt``, or
 ``ae.pt`` beside its ``config.json``), a circuit-tracer set (``config.yaml`` and/or
 ``layer_<i>.safetensors``; one layer file of it is one coder), a legacy GPT-2 transcoder ``.pt``
 (any other ``.pt``), and two kinds of cross-layer transcoder (:data:`CLT_FORMATS`, neither a coder
-nor a set): a mechfaith CLT folder (``config.json`` of format ``mechfaith.clt``) and a circuit-tracer
+nor a set): a mechfaith CLT folder (``config.json`` of format ``mechfaith.clt``; an ``lm train --clt``
+run folder holding ``clt/``) and a circuit-tracer
 CLT (``W_enc_<i>`` / ``W_dec_<i>.safetensors``, a ``config.yaml`` of model_kind
 ``cross_layer_transcoder``).
 One of the folder's files may be given for the folder.
@@ -34,6 +35,7 @@ from mechfaith.lm.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_run
 
 SET_JSON = "set.json"  # mechfaith.lm.layer_set.SET_JSON (that module imports this one's users)
 RUN_CODER_DIR = "coder"  # mechfaith.lm.coder_files.CODER_DIR: a train run folder's coder
+RUN_CLT_DIR = "clt"  # mechfaith.lm.clt_train.CLT_DIR: an ``lm train --clt`` run folder's CLT
 
 FORMATS = {
     "mechfaith": f"mechfaith coder folder ({CONFIG_NAME} + {WEIGHTS_NAME}, or a run folder holding coder/)",
@@ -112,6 +114,8 @@ def _folder_format(folder: Path) -> Detected | None:
         return Detected("circuit-tracer", folder)
     if (folder / RUN_CODER_DIR).is_dir():
         return Detected("mechfaith", folder / RUN_CODER_DIR)
+    if (folder / RUN_CLT_DIR).is_dir() and is_clt_folder(folder / RUN_CLT_DIR):
+        return Detected("mechfaith-clt", folder / RUN_CLT_DIR)
     return None
 
 
