@@ -17,7 +17,9 @@ Mapping to :class:`~mechfaith.coders.clt.CrossLayerTranscoder`: ``W_enc`` is tra
 are the same arrays, ``log_threshold = log(threshold)`` (computed in float64). What circuit-tracer
 cannot hold is refused before anything is written: TopK CLTs (it has ReLU and JumpReLU only), a skip
 connection (its class has ``W_skip`` in memory, but ``to_safetensors`` does not write it and
-``load_clt`` does not read it), ``d_out != d_in``, and a block that does not start at layer 0. A CLT
+``load_clt`` does not read it), ``d_out != d_in``, and a block that does not start at layer 0
+(circuit-tracer's replacement model needs every layer of the model; a block ``[0, L)`` of a deeper
+model is written, loads with ``load_clt``, and is the caller's to match to the model). A CLT
 of limited ``reach`` is written exactly with zero decoders beyond its reach, and ``mechfaith_reach``
 in ``config.yaml`` lets mechfaith read it back as that CLT (those decoders checked to be zero).
 
