@@ -65,7 +65,7 @@ def test_abs_toy_command_is_unchanged():
 
     assert args.func is toy.run and args.out == "runs/toy" and args.toy_command is None
     args = build_parser().parse_args(["toy", "multihop", "--out", "x", "--steps", "5"])
-    assert args.func is toy_multihop.run and args.out == "x" and args.steps == 5
+    assert args.func is toy_multihop.run and args.out == "x" and toy_multihop.build_config(args).steps == 5
 
 
 def test_config_file_sits_between_preset_and_flags(tmp_path):

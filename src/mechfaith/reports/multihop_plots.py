@@ -81,8 +81,7 @@ def weights_figure(clt: CrossLayerTranscoder, net: MultihopNet, alive: torch.Ten
     R, W = np.array(reads), np.array(writes)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.32 * len(rows) + 1.8),
                                  gridspec_kw={"width_ratios": [len(names), len(write_cols) + 1]})
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#ddd")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#ddd")
     vr = max(1.0, float(np.nanmax(np.abs(R))) if np.isfinite(R).any() else 1.0)
     vw = max(1.0, float(np.nanmax(np.abs(W))) if np.isfinite(W).any() else 1.0)
     a1.imshow(np.ma.masked_invalid(R), cmap=cmap, vmin=-vr, vmax=vr, aspect="auto", interpolation="nearest")

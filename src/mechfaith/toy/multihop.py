@@ -53,7 +53,7 @@ class MultihopConfig:
                                "Jacobian-matched CLT.", 0.03)
     jacobian_coef: float = doc("Coefficient of local-Jacobian matching of the clt_jacobian setting.", 1.0)
     tanh_c: float = doc("Scale c of tanh-L1: λ sum tanh(c f ||W_dec||).", 4.0)
-    steps: int = doc("Training steps (every replacement trains at once).", 2000)
+    steps: int = doc("Training steps (every replacement trains at once).", 1500)
     batch: int = doc("Input patterns per step per replacement.", 256)
     lr: float = doc("Adam learning rate (cosine decay over the last 20%).", 3e-3)
     sparsity_warmup_frac: float = doc("Fraction of the steps over which λ ramps up from 0.", 0.2)
