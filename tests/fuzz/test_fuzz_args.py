@@ -44,7 +44,7 @@ def _stop(*args: Any, **kwargs: Any) -> Any:
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every entry into real work raises :class:`ReachedWork` (each module that binds one is patched)."""
     from mechfaith.circuits import session
-    from mechfaith.cli import toy, train
+    from mechfaith.cli import toy, toy_multihop, train
     from mechfaith.lm import collect, evaluate, faithfulness, layer_set, model_cache, set_eval, sweep
     from mechfaith.lm import train as lm_train
     from mechfaith.studies import memorization
@@ -56,6 +56,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "collect", _stop)
     monkeypatch.setattr(session, "open_session", _stop)
     monkeypatch.setattr(toy, "run_toy", _stop)
+    monkeypatch.setattr(toy_multihop, "run_multihop", _stop)
     monkeypatch.setattr(train, "demo_reference", _stop)
 
 
@@ -115,7 +116,7 @@ def _value(action: argparse.Action) -> st.SearchStrategy[str]:
 @functools.lru_cache(maxsize=None)
 def _commands() -> list[argparse.ArgumentParser]:
     return [p for p in _sub_parsers(build_parser())
-            if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)]
+            if not any(isinstance(a, argparse._SubParsersAction) and a.required for a in p._actions)]
 
 
 
@@ -252,6 +253,7 @@ def test_generated_command_lines(no_work: None, argv: list[str]) -> None:
 CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "train": ({"coder": {"k": 2, "n_latents": 16, "d_in": 8}, "train": {"n_steps": 3, "lr": 0.001}}, []),
     "toy": ({"toy": {"steps": 5, "d": 4, "n_latents": 9, "scan_repeat_fracs": [0.05]}}, []),
+    "toy multihop": ({"multihop": {"steps": 5, "n_chains": 1, "sparsity_coefs": [0.0, 0.1]}}, []),
     "lm train": ({"lm": {"model": "random-gpt2", "layer": 1, "train_tokens": 100}, "corpus": {"context_length": 16},
                   "coder": {"k": 2, "expansion": 2}, "train": {"n_steps": 2, "batch_size": 16}}, []),
     "lm collect": ({"lm": {"model": "random-gpt2", "layer": 1}, "corpus": {"context_length": 16, "val_fraction": 0.3},

@@ -5,6 +5,9 @@ L1 and Jacobian-contribution variants, the repeat_frac x lambda scan, several se
 batched model, then writes into ``--out``: metrics.json, report.html (self-contained), report.md,
 the PNG figures, and one example coder per setting under ``coders/`` (regular mechfaith coder
 folders). ``--quick`` runs a smaller grid with the same outputs (a smoke test, well under a minute).
+
+``mechfaith toy multihop --out DIR``: the multi-hop toy of cross-layer transcoders' shortcuts
+(:mod:`mechfaith.cli.toy_multihop`; see ``mechfaith toy multihop --help``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mechfaith.cli import toy_multihop
 from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_file
 from mechfaith.cli.out_guard import add_overwrite_option, new_output
 from mechfaith.coders.files import save_coder
@@ -38,6 +42,9 @@ def add_parser(subparsers) -> None:
     add_quiet_option(p, "hide the progress bar")
     add_dataclass_args(p, ToyConfig)
     p.set_defaults(func=run)
+    toys = p.add_subparsers(dest="toy_command", metavar="TOY", required=False,
+                            title="other toys (without one: the absolute-value toy above)")
+    toy_multihop.add_parser(toys)
 
 
 
