@@ -157,3 +157,34 @@ def test_graph_case_study_cli(coders, tmp_path):
     both = _parse(graph_cli, ["graph", "--coders", *coders, "--case-study", "--prompt", "x", "--out", str(out)])
     with pytest.raises(ConfigError, match="case-study"):
         both.func(both)
+
+
+def test_graph_cli_with_a_cross_layer_transcoder(tmp_path, capsys):
+    """``mechfaith graph --coders CLT_RUN``: a CLT folder (or run folder holding clt/) gives every block
+    layer's transcoder, its cross-layer writes included; dashboards of its features open."""
+    from mechfaith.circuits.graph_json import read_graph_json
+    from mechfaith.cli import graph as graph_cli
+    from mechfaith.coders.clt import CrossLayerTranscoder
+    from mechfaith.coders.clt_config import CLTConfig
+    from mechfaith.coders.clt_files import save_clt
+
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_in=32, n_latents=48, activation="topk", k=6, skip=True),
+                               generator=torch.Generator().manual_seed(2))
+    save_clt(clt, tmp_path / "run" / "clt", training={"model": "random-gpt2", "layers": [0, 1],
+                                                      "input_site": "mlp_in", "output_site": "mlp_out"})
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "d0.txt").write_text("Some text with words and more words. " * 60)
+    out = tmp_path / "g"
+    argv = ["graph", "--coders", str(tmp_path / "run"), "--prompt", "hello there, world", "--max-feature-nodes",
+            "30", "--check", "4", "--dashboards", "2", "--dashboard-contexts", "3", "--corpus-source", str(docs),
+            "--out", str(out), "--quiet"]
+    args = _parse(graph_cli, argv)
+    assert args.func(args) == 0
+    g = read_graph_json(out / "graph.json")
+    assert g["meta"]["check"]["spearman"]["frozen"] > 0.9
+    assert {n["layer"] for n in g["nodes"] if n.get("kind") == "feature"} <= {0, 1}
+    assert len(list((out / "dashboards").glob("*.html"))) >= 1
+    bad = _parse(graph_cli, [*argv[:2], f"0={tmp_path / 'run'}", *argv[3:-3], "--out", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="cross-layer"):
+        bad.func(bad)

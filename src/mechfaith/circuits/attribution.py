@@ -92,6 +92,7 @@ class Attributor:
 
     def __init__(self, run: ReplacementRun) -> None:
         self.run = run
+        self.has_cross = any(rec.cross for rec in run.transcoders.values())
         self.parts = run.parts
         self.n_layers = run.parts.n_layers
         self.dtype = run.resid.dtype
@@ -142,8 +143,14 @@ class Attributor:
             return self.logit_probe(node.pos, node.index, node.index2)
         raise ConfigError(f"a circuit starts at a transcoder feature or a logit, not {node.name}")
 
+    def _no_cross(self) -> None:
+        if self.has_cross:
+            raise ConfigError("greedy path attribution (mechfaith circuit) does not take cross-layer transcoders "
+                              "yet: build an attribution graph (mechfaith graph) instead")
+
     def child_probe(self, parent: Probe, child: Node) -> Probe | None:
         """The probe of ``child`` seen from ``parent`` (None for leaves)."""
+        self._no_cross()
         g = parent.vector
         if child.kind == "feature":
             rec = self._record(child.layer)
@@ -169,6 +176,7 @@ class Attributor:
     # ------------------------------------------------------------------ children
     def children(self, probes: list[Probe]) -> ChildTable:
         """All children of each probe (batched over probes)."""
+        self._no_cross()
         run, parts = self.run, self.parts
         n, seq, H = self.n_layers, run.seq_len, parts.n_heads
         G = torch.stack([p.vector for p in probes]).to(self.dtype)  # [P, d]

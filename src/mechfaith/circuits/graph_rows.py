@@ -9,7 +9,8 @@ the frozen attention (OV circuits weighted by the recorded patterns, read throug
 pre-attention norm) and the transcoders' linear skip connections, but not through MLPs or
 features (they are nodes). Sources:
 
-- every active feature ``(layer, pos, i)``: ``f_i W_dec[i] . grad[2 layer + 2, pos]``;
+- every active feature ``(layer, pos, i)``: ``f_i W_dec[i] . grad[2 layer + 2, pos]`` (a CLT feature
+  also ``f_i W_dec[layer -> t][i] . grad[2 t + 2, pos]`` for every later layer t it writes to);
 - one error node per (layer, position): ``error . grad[2 layer + 2, pos]`` with ``error = mlp_out -
   transcoder(x)`` (the whole MLP output for a layer without a transcoder);
 - one token node per position: ``(W_E[token] + W_pos[pos]) . grad[0, pos]``.
@@ -146,11 +147,14 @@ class RowEngine:
         return out[:, :self.n_sources]
 
     def _feature_sources(self, layer: int, G: Tensor, P: int, out: Tensor) -> None:
-        rec = self.run.transcoders[layer]
-        idx = self.active.pad_index[layer][:P]  # [P, k]
-        W = rec.W_dec[idx]  # [P, k, d]
-        vals = torch.einsum("bpd,pkd->bpk", G, W) * self.active.pad_value[layer][:P]
-        out[:, self.active.pad_column[layer][:P].reshape(-1)] = vals.reshape(G.shape[0], -1)
+        """Add the direct effects of the features that write to the MLP output of ``layer``: its own,
+        and (CLTs) those of earlier layers whose cross decoders reach it."""
+        writers = [(layer, self.run.transcoders[layer].W_dec)]
+        writers += [(s, rec.cross[layer]) for s, rec in self.run.transcoders.items() if layer in rec.cross]
+        for source, W_dec in writers:
+            idx = self.active.pad_index[source][:P]  # [P, k]
+            vals = torch.einsum("bpd,pkd->bpk", G, W_dec[idx]) * self.active.pad_value[source][:P]
+            out.index_add_(1, self.active.pad_column[source][:P].reshape(-1), vals.reshape(G.shape[0], -1))
 
     def _skip_back(self, layer: int, G: Tensor, P: int, pending: dict[int, Tensor]) -> None:
         rec = self.run.transcoders[layer]

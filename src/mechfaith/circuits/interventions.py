@@ -167,6 +167,9 @@ def run_frozen(run: ReplacementRun, interventions: Sequence[Intervention] = (), 
             y = f @ rec.W_dec + rec.b_dec + err
             if rec.W_skip is not None:
                 y = y + x_in @ rec.W_skip
+            for s, earlier in run.transcoders.items():  # CLTs: earlier layers' cross writes
+                if l in earlier.cross:
+                    y = y + acts[s] @ earlier.cross[l]
             acts[l], pres[l] = f, pre
         x = x_mid + y
     logits = parts.ln_final.apply(x, run.s_final) @ parts.W_U.T
@@ -202,6 +205,9 @@ def run_live(model: Any, run: ReplacementRun, interventions: Sequence[Interventi
                         f = iv.apply(f)
                 acts[l], pres[l] = f.to(run.resid.dtype), pre.to(run.resid.dtype)
                 out = coder.decode(f, x).to(y.dtype) + rec.error.to(y.device, y.dtype)
+                for s, earlier in run.transcoders.items():  # CLTs: earlier layers' cross writes
+                    if l in earlier.cross:
+                        out = out + (acts[s] @ earlier.cross[l]).to(y.device, y.dtype)
                 return out[None]
 
             handles.extend(adapter.hook_site(l, rec.tc.input_site, grab))

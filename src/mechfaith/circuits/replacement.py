@@ -8,6 +8,12 @@ every layer with a transcoder its feature activations, skip output and reconstru
 these values the model is linear in every write to the residual stream, and the MLP output of a
 transcoder layer is exactly ``sum_i f_i W_dec[i] + b_dec + x W_skip + error``.
 Layers without a transcoder keep their MLP as one opaque write (node ``mlp{l}@p``).
+
+Cross-layer transcoders (:func:`clt_transcoders`): each block layer of a CLT is one
+:class:`Transcoder` (its encoder, activation, own decoder, bias and skip) whose ``cross`` decoders
+write its latents to later layers' MLP outputs as well; the error of a layer is then ``mlp_out -
+(own reconstruction + every earlier layer's cross writes)``, and everything downstream (graph rows,
+the frozen and live worlds) adds the cross writes where they land.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mechfaith.circuits.parts import ModelParts, Norm, model_parts
+from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.coder import SparseCoder
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.adapters import ModelAdapter, get_adapter, hooks_removed_after
@@ -35,6 +42,8 @@ class Transcoder:
     coder: SparseCoder
     input_site: str = "mlp_in"
     output_site: str = "mlp_out"
+    # a CLT layer's decoders to later layers: {model layer: [n_latents, d_model]} (empty otherwise)
+    cross: dict[int, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.input_site not in TC_INPUT_SITES:
@@ -65,6 +74,7 @@ class TranscoderRecord:
     W_dec: Tensor  # [n_latents, d_model]
     b_dec: Tensor  # [d_model]
     W_skip: Tensor | None  # [d_in, d_model]
+    cross: dict[int, Tensor] = field(default_factory=dict)  # {later layer: [n_latents, d_model]} (CLTs)
 
 
 @dataclass
@@ -127,7 +137,31 @@ def _check_transcoders(adapter: ModelAdapter, parts: ModelParts,
                               f"d_model {parts.d_model}")
         if tc.output_site == "mlp_out_centered" and parts.family != "gpt2":
             raise ConfigError("a transcoder of centred MLP outputs cannot replace a Llama MLP")
+    for layer, tc in tcs.items():
+        for target, w in tc.cross.items():
+            if target <= layer or target not in tcs:
+                raise ConfigError(f"the CLT layer {layer} writes to layer {target}, which is not a later "
+                                  f"transcoder layer of this run")
+            if tuple(w.shape) != (tc.coder.n_latents, parts.d_model):
+                raise ConfigError(f"the CLT decoder from layer {layer} to {target} has shape {tuple(w.shape)}")
     return tcs
+
+
+def clt_transcoders(clt: CrossLayerTranscoder, input_site: str = "mlp_in",
+                    output_site: str = "mlp_out") -> dict[int, Transcoder]:
+    """A CLT as one :class:`Transcoder` per block layer (model layer numbers), each with its cross
+    decoders (see the module docstring); the coders are frozen copies."""
+    out: dict[int, Transcoder] = {}
+    first = clt.cfg.first_layer
+    with torch.no_grad():
+        for s in range(clt.n_layers):
+            coder = clt.layer_view(s).eval()
+            for p in coder.parameters():
+                p.requires_grad_(False)
+            cross = {first + t: clt.decoder_to(s, t).detach().clone()
+                     for t in range(s + 1, s + clt.cfg.n_targets(s))}
+            out[first + s] = Transcoder(first + s, coder, input_site, output_site, cross)
+    return out
 
 
 def _check_tokens(tokens: Tensor | list[int], parts: ModelParts) -> Tensor:
@@ -211,7 +245,8 @@ def _record_transcoder(tc: Transcoder, run: ReplacementRun, c: dict[tuple[str, i
         error=run.mlp_out[layer] - out.y_hat.detach().to(dt),
         W_enc=coder.W_enc.detach().to(dt), b_enc=coder.b_enc.detach().to(dt),
         W_dec=coder.W_dec.detach().to(dt), b_dec=coder.b_dec.detach().to(dt),
-        W_skip=None if coder.W_skip is None else coder.W_skip.detach().to(dt))
+        W_skip=None if coder.W_skip is None else coder.W_skip.detach().to(dt),
+        cross={t: w.detach().to(dt) for t, w in tc.cross.items()})
 
 
 def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int, Transcoder] | list[Transcoder],
@@ -250,4 +285,8 @@ def record_run(model: Any, tokens: Tensor | list[int], transcoders: Mapping[int,
         logits=logits.to(dt), token_strings=token_strings)
     for layer in sorted(tcs):
         run.transcoders[layer] = _record_transcoder(tcs[layer], run, c, dt)
+    for rec in run.transcoders.values():  # CLT layers: earlier layers' writes are part of the reconstruction
+        for target, w in rec.cross.items():
+            tgt = run.transcoders[target]
+            tgt.error = tgt.error - rec.f @ w
     return run

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from mechfaith.circuits.replacement import TC_INPUT_SITES, Transcoder
+from mechfaith.circuits.replacement import TC_INPUT_SITES, Transcoder, clt_transcoders
+from mechfaith.coders.clt_files import is_clt_folder, load_clt, read_clt_meta
+from mechfaith.coders.validate import check_fields
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.coder_files import open_coder
 from mechfaith.lm.coder_set import is_coder_set, set_coder_folders
@@ -92,12 +95,37 @@ def expand_coder_specs(specs: Sequence[str]) -> list[tuple[int | None, str]]:
     return out
 
 
+def _clt_folder(path: str) -> Path | None:
+    """The CLT folder at ``path`` (a CLT folder, or a run folder holding ``clt/``), else None."""
+    p = Path(path)
+    for folder in (p / "clt", p):
+        if folder.is_dir() and is_clt_folder(folder):
+            return folder
+    return None
+
+
 def load_transcoders(specs: Sequence[str]) -> tuple[dict[int, Transcoder], str | None]:
     """Transcoders from ``PATH``, ``LAYER=PATH`` or set-folder specs (:func:`expand_coder_specs`); also the
     model named in their metadata."""
     tcs: dict[int, Transcoder] = {}
     model_name = None
     for layer, path in expand_coder_specs(specs):
+        clt_folder = _clt_folder(path)
+        if clt_folder is not None:  # a cross-layer transcoder: one Transcoder per block layer
+            if layer is not None:
+                raise ConfigError(f"{path} is a cross-layer transcoder (it names its layers): give it without {layer}=")
+            meta = read_clt_meta(clt_folder).get("training") or {}
+            check_fields(clt_folder / "config.json", meta, {"model": "str|null", "input_site": "str|null",
+                                                            "output_site": "str|null"})
+            site = meta.get("input_site") or "mlp_in"
+            if site not in TC_INPUT_SITES:
+                raise ConfigError(f"{path}: input site {site!r} is not supported (use {', '.join(TC_INPUT_SITES)})")
+            for l, tc in clt_transcoders(load_clt(clt_folder), site, meta.get("output_site") or "mlp_out").items():
+                if l in tcs:
+                    raise ConfigError(f"two transcoders for layer {l}")
+                tcs[l] = tc
+            model_name = model_name or meta.get("model")
+            continue
         ref = open_coder(path)
         layer = layer if layer is not None else ref.layer
         if layer is None:
@@ -128,6 +156,7 @@ def open_session(model: str | None, coder_specs: Sequence[str], device: str = "c
     for l, tc in tcs.items():
         lm.adapter.check_layer(l)
         tc.coder.to(device)
+        tc.cross = {t: w.to(device) for t, w in tc.cross.items()}
     return CircuitSession(lm, tcs)
 
 

@@ -30,7 +30,8 @@ def add_coder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coders", nargs="+", required=True, metavar="[LAYER=]PATH",
                    help="transcoder folders (mechfaith, SAELens or GPT-2 .pt); LAYER= when the file "
                         "does not say its layer; a set folder (set.json, from lm train --layers) gives "
-                        "every layer's transcoder of the set")
+                        "every layer's transcoder of the set; a cross-layer transcoder (its folder, or an lm "
+                        "train --clt run) gives every layer of its block, cross-layer writes included")
     p.add_argument("--model", default=None, help="model (default: the one the coders were trained on)")
 
 

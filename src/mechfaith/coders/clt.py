@@ -281,12 +281,11 @@ class CrossLayerTranscoder(nn.Module):
         return clt
 
     @torch.no_grad()
-    def layer_coder(self, layer: int) -> SparseCoder:
-        """Block layer ``layer`` as a per-layer transcoder (a copy); only when nothing else writes to
-        that layer's output and its latents write nowhere else (``reach = 0``)."""
-        if self.cfg.n_targets(layer) != 1 or self.sources_of(layer) != [layer]:
-            raise ConfigError(f"layer {layer} of this CLT is not a per-layer transcoder (its reach is "
-                              f"{self.cfg.reach}); only a reach-0 CLT splits into per-layer coders")
+    def layer_view(self, layer: int) -> SparseCoder:
+        """Block layer ``layer``'s encoder, activation, own decoder, bias and skip as a
+        :class:`SparseCoder` (a copy): its latents are the CLT's latents of that layer exactly; its
+        output is only the own-layer part of the reconstruction (add the writes of earlier layers,
+        :meth:`decoder_to`, for the whole)."""
         cfg = self.cfg
         ccfg = CoderConfig(d_in=cfg.d_in, n_latents=cfg.n_latents, d_out=cfg.d_out, kind="transcoder",
                            activation=cfg.activation, k=cfg.k, jumprelu_threshold=cfg.jumprelu_threshold,
@@ -301,3 +300,11 @@ class CrossLayerTranscoder(nn.Module):
         if coder.log_threshold is not None and self.log_threshold is not None:
             coder.log_threshold.copy_(self.log_threshold[layer])
         return coder
+
+    def layer_coder(self, layer: int) -> SparseCoder:
+        """Block layer ``layer`` as a per-layer transcoder (a copy); only when nothing else writes to
+        that layer's output and its latents write nowhere else (``reach = 0``)."""
+        if self.cfg.n_targets(layer) != 1 or self.sources_of(layer) != [layer]:
+            raise ConfigError(f"layer {layer} of this CLT is not a per-layer transcoder (its reach is "
+                              f"{self.cfg.reach}); only a reach-0 CLT splits into per-layer coders")
+        return self.layer_view(layer)
