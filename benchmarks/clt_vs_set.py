@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--eval-contexts", type=int, default=16)
     ap.add_argument("--graphs", action="store_true", help="also the case-study attribution graphs")
+    ap.add_argument("--whole-model", action="store_true",
+                    help="graphs with every other layer replaced by the set's transcoders too (the set at every "
+                         "layer vs the CLT in the block and the set elsewhere); skips the block-only evaluation")
     args = ap.parse_args()
     clt_folder = Path(args.clt) / "clt" if (Path(args.clt) / "clt").is_dir() else Path(args.clt)
     meta = read_clt_meta(clt_folder)["training"]
@@ -57,7 +60,7 @@ def main() -> None:
     contexts, source = eval_contexts(lm, corpus_cfg, cfg.eval_contexts)
     per_layer, _ = set_block_as_clt(args.set, layers)
     rows = []
-    for name, model in (("per-layer transcoders", per_layer), ("CLT", clt)):
+    for name, model in () if args.whole_model else (("per-layer transcoders", per_layer), ("CLT", clt)):
         t0 = time.perf_counter()
         e = evaluate_clt_on(lm.adapter, model, contexts, batch_contexts=cfg.batch_contexts, keep_bos=True,
                             keep_massive=MASSIVE_RATIO)
@@ -67,6 +70,10 @@ def main() -> None:
     if args.graphs:
         folders = set_coder_folders(args.set)
         specs = {"per-layer transcoders": [f"{l}={folders[l]}" for l in layers], "CLT": [str(clt_folder)]}
+        if args.whole_model:
+            others = [f"{l}={p}" for l, p in folders.items() if l not in layers]
+            specs = {"per-layer transcoders at every layer": [args.set],
+                     "CLT in the block, per-layer elsewhere": [str(clt_folder), *others]}
         graphs = []
         for name, spec in specs.items():
             session = open_session(lm.name, spec)

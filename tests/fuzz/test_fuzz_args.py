@@ -45,12 +45,13 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every entry into real work raises :class:`ReachedWork` (each module that binds one is patched)."""
     from mechfaith.circuits import session
     from mechfaith.cli import toy, toy_multihop, train
-    from mechfaith.lm import collect, evaluate, faithfulness, layer_set, model_cache, set_eval, sweep
+    from mechfaith.lm import clt_eval, clt_train, collect, evaluate, faithfulness, layer_set, model_cache, set_eval, sweep
     from mechfaith.lm import train as lm_train
     from mechfaith.studies import memorization
 
     _paths()  # every input built first (with the real functions)
-    for module in (model_cache, collect, evaluate, faithfulness, layer_set, set_eval, sweep, lm_train, memorization):
+    for module in (model_cache, collect, evaluate, faithfulness, layer_set, set_eval, sweep, lm_train, memorization,
+                   clt_train, clt_eval):
         monkeypatch.setattr(module, "get_model", _stop)
     for module in (collect, lm_train, sweep):
         monkeypatch.setattr(module, "collect", _stop)

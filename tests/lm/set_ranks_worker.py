@@ -8,7 +8,8 @@ Every set here is trained on a 3-layer random Llama (rank 0 gets layers 0-1, ran
 2. ``cached``: ``train_set`` from the activation cache ``ROOT/acts`` (collected by the test);
 3. ``stopped``: rank 1 is interrupted at step 6 (its last checkpoint is step 4), rank 0 finishes;
 4. ``resumed``: the stopped set resumed by both ranks;
-5. ``diverged``: layer 2 (rank 1) diverges at step 3.
+5. ``diverged``: layer 2 (rank 1) diverges at step 3;
+6. ``clt``: a cross-layer transcoder over all 3 layers, trained data-parallel (``train_clt_block``).
 
 What each rank returned or raised goes to ``ROOT/rank<r>.json``.
 """
@@ -25,6 +26,7 @@ import torch
 
 from mechfaith.cli.main import main
 from mechfaith.lm import model_cache
+from mechfaith.lm.clt_train import train_clt_block
 from mechfaith.lm.config import LMCoderConfig, LMConfig, lm_train_config
 from mechfaith.lm.corpus import CorpusConfig
 from mechfaith.lm.layer_set import train_set
@@ -84,6 +86,12 @@ def run(root: Path, source: str) -> None:
         EngineMember.nonfinite = lambda self, got: "loss nan (forced)" if self.step_count >= 2 else None
     _attempt(report, "diverged", root / "diverged", source)
     EngineMember.nonfinite = real_nonfinite  # type: ignore[method-assign]
+    try:
+        r = train_clt_block(CFG, corpus_config(source), CODER, lm_train_config(**TRAIN), root / "clt", "all",
+                            progress=False)
+        report["clt"] = {"ok": True, "steps": r.steps, "tokens": r.tokens}
+    except BaseException as exc:  # noqa: BLE001
+        report["clt"] = {"error": type(exc).__name__, "message": str(exc)}
     (root / f"rank{rank}.json").write_text(json.dumps(report))
 
 

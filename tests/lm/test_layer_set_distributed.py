@@ -21,9 +21,11 @@ import torch
 pytest.importorskip("transformers")
 
 from mechfaith.cli.main import main  # noqa: E402
+from mechfaith.coders.clt_files import load_clt  # noqa: E402
 from mechfaith.coders.files import load_coder  # noqa: E402
 from mechfaith.errors import ConfigError, PeerFailed, TrainingDiverged  # noqa: E402
 from mechfaith.lm import model_cache  # noqa: E402
+from mechfaith.lm.clt_train import train_clt_block  # noqa: E402
 from mechfaith.lm.collect import collect  # noqa: E402
 from mechfaith.lm.config import lm_train_config  # noqa: E402
 from mechfaith.lm.corpus import CorpusConfig  # noqa: E402
@@ -175,6 +177,12 @@ def test_two_ranks_under_torchrun_train_exactly_the_set_one_process_trains(tmp_p
     status = {l: json.loads((tmp_path / "diverged" / "layers" / f"L{l}" / "train.json").read_text())["status"]
               for l in layers}
     assert status == {0: "completed", 1: "completed", 2: "diverged"}
+    # a CLT trained data-parallel by the 2 ranks equals one process's (rows split, gradients averaged)
+    assert r0["clt"] == r1["clt"] and r0["clt"].get("ok"), r0["clt"]
+    train_clt_block(CFG, corpus, CODER, tcfg, tmp_path / "clt_one", "all", progress=False)
+    two, one = load_clt(tmp_path / "clt" / "clt"), load_clt(tmp_path / "clt_one" / "clt")
+    for name, p in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], p, atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_python_m_mechfaith_runs_the_command_line():

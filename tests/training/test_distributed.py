@@ -13,9 +13,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from mechfaith.coders import CoderConfig, build_coder
+from mechfaith.coders.clt import CrossLayerTranscoder
+from mechfaith.coders.clt_config import CLTConfig
 from mechfaith.errors import InputError
 from mechfaith.training import TrainConfig, Trainer
 from mechfaith.training import distributed as ddp
+from mechfaith.training.clt_trainer import CLTTrainer
 
 torch.set_num_threads(1)
 
@@ -82,8 +85,29 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         assert r2.ok and t2.step_count == 6
         save_file({k: v.contiguous() for k, v in t2.coder.state_dict().items()},
                   str(root / "resume" / f"rank{rank}.safetensors"))
+        # a cross-layer transcoder: layer-major batches [L, B, d] sliced along their rows (dim 1)
+        clt = _clt(seed=300 + rank)
+        tc = ddp.attach(CLTTrainer(clt, _cfg(dict(sparsity="l1", sparsity_coef=1e-2), 5), progress=False), ctx)
+        rc = ddp.fit(tc, _clt_batches(5), ctx, row_dim=1)
+        assert rc.ok and rc.tokens_seen == 5 * B
+        save_file({k: v.contiguous() for k, v in clt.state_dict().items()}, str(root / "clt" / f"rank{rank}.safetensors"))
     finally:
         ddp.destroy(ctx)
+
+
+def _clt(seed: int) -> CrossLayerTranscoder:
+    cfg = CLTConfig(n_layers=3, d_in=D, n_latents=N, activation="relu", skip=True)
+    return CrossLayerTranscoder(cfg, generator=torch.Generator().manual_seed(seed))
+
+
+def _clt_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, D, D, generator=g) / D ** 0.5
+    out = []
+    for _ in range(n):
+        x = torch.randn(3, B, D, generator=g)
+        out.append((x, torch.tanh(torch.bmm(x, w))))
+    return out
 
 
 def _free_port() -> int:
@@ -100,7 +124,7 @@ def _single(case: str, n_steps: int) -> dict[str, torch.Tensor]:
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path: Path):
-    for case in [*CASES, "resume"]:
+    for case in [*CASES, "resume", "clt"]:
         (tmp_path / case).mkdir()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for case, n_steps in (("relu_l1", 5), ("topk", 5), ("resume", 6)):
@@ -114,6 +138,14 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path: Path):
         moved = any(not torch.allclose(ref[k], build_coder(CASES["relu_l1" if case == "resume" else case][0],
                                                             seed=100).state_dict()[k]) for k in ref)
         assert moved
+    ref_clt = _clt(seed=300)
+    CLTTrainer(ref_clt, _cfg(dict(sparsity="l1", sparsity_coef=1e-2), 5), progress=False).fit(_clt_batches(5))
+    c0 = load_file(str(tmp_path / "clt" / "rank0.safetensors"))
+    c1 = load_file(str(tmp_path / "clt" / "rank1.safetensors"))
+    for k, v in ref_clt.state_dict().items():
+        assert torch.equal(c0[k], c1[k]), f"clt: ranks disagree on {k}"
+        torch.testing.assert_close(c0[k], v, atol=2e-5, rtol=1e-4, msg=f"clt: {k}")
+        assert not torch.equal(v, _clt(seed=300).state_dict()[k]) or k == "b_enc"
     # rank 0 alone writes the log; its tokens count the global batch
     lines = [json.loads(s) for s in (tmp_path / "relu_l1" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 4, 5]
@@ -130,6 +162,9 @@ def test_sharded_stream_slices_the_global_batch_and_keeps_its_state():
     assert parts[0].state_dict() == {"kind": "IterableStream", "batches": 1}
     with pytest.raises(InputError, match="divisible"):
         ddp.ShardedStream(list(data), 0, 3).next_batch()
+    layer_major = _clt_batches(1)
+    halves = [ddp.ShardedStream(list(layer_major), r, 2, row_dim=1).next_batch() for r in range(2)]
+    torch.testing.assert_close(torch.cat([x for x, _ in halves], dim=1), layer_major[0][0])
 
 
 def test_rank_slices_cover_every_item_once():

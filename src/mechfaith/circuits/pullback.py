@@ -11,6 +11,10 @@ set to 1 (the paper's convention with folded LayerNorm):
   (``center(w1 * W_V (W_O read))``), i.e. the tokens that, attended to by the head, push it up;
 - ``logit_effects(feature)`` = ``W_U @ (w_f * center(W_dec[i]))`` [vocab]: the feature's direct effect
   on the logits through the final norm (scale 1).
+
+A CLT feature writes to several layers' MLP outputs: its "decoder row" here is the sum of its rows
+to every layer below the reader (:func:`writes_before`; all of them for the logits), since those
+writes all land in the residual stream before the reader reads it.
 """
 
 from __future__ import annotations
@@ -80,7 +84,18 @@ def pullback(parts: ModelParts, later: Transcoder, index: int, earlier: Transcod
     v = read_direction(parts, later, index)
     if head is not None:
         v = head_pullback(parts, head[0], head[1], v)
-    return earlier.coder.W_dec.detach().to(v.dtype) @ v
+    return writes_before(earlier, later.layer).to(v.dtype) @ v
+
+
+def writes_before(tc: Transcoder, layer: int | None = None) -> Tensor:
+    """[n_latents, d_model]: what one unit of each feature of ``tc`` adds to the residual stream
+    before ``layer`` reads it (None: in all), i.e. its own decoder row plus, for a CLT layer, its
+    rows to the later layers below ``layer``."""
+    w = tc.coder.W_dec.detach()
+    for target, cross in tc.cross.items():
+        if layer is None or target < layer:
+            w = w + cross.detach().to(w.dtype)
+    return w
 
 
 def de_embedding(parts: ModelParts, tc: Transcoder, index: int, head: tuple[int, int] | None = None) -> Tensor:
@@ -95,7 +110,7 @@ def de_embedding(parts: ModelParts, tc: Transcoder, index: int, head: tuple[int,
 
 def logit_effects(parts: ModelParts, tc: Transcoder, index: int) -> Tensor:
     """Direct effect [vocab] of one unit of feature ``index`` on the logits (final-norm scale 1)."""
-    d = tc.coder.W_dec.detach()[index].to(parts.W_E.dtype)
+    d = writes_before(tc)[index].to(parts.W_E.dtype)
     lnf = parts.ln_final
     z = d - d.mean() if lnf.kind == "layernorm" else d
     if lnf.weight is not None:

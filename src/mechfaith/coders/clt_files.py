@@ -18,14 +18,13 @@ from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLTConfig
 from mechfaith.coders.files import (
     CONFIG_NAME,
-    SHA256_RE,
     WEIGHTS_NAME,
+    read_checked_weights,
+    read_folder_meta,
     read_json,
-    read_tensors,
     resolve_coder_folder,
     write_tensors,
 )
-from mechfaith.coders.validate import check_fields
 from mechfaith.configs import config_from_dict, config_to_dict
 from mechfaith.errors import CoderFileError, ConfigError
 from mechfaith.jsonio import write_json
@@ -67,19 +66,7 @@ def is_clt_folder(path: str | os.PathLike[str]) -> bool:
 
 def read_clt_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked contents of a CLT's ``config.json``."""
-    folder = resolve_coder_folder(path)
-    cfg_path = folder / CONFIG_NAME
-    meta = read_json(cfg_path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CoderFileError(cfg_path, f"not a mechfaith cross-layer transcoder (format is not {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CoderFileError(cfg_path, f"format version {meta.get('format_version')!r} is not supported "
-                                       f"(this mechfaith reads version {FORMAT_VERSION})")
-    check_fields(cfg_path, meta, {"config": "dict", "weights_sha256": "str", "training": "dict|null"},
-                 required=("config", "weights_sha256"))
-    if not SHA256_RE.fullmatch(meta["weights_sha256"]):
-        raise CoderFileError(cfg_path, f"'weights_sha256' is not a SHA-256 ({meta['weights_sha256']!r:.80})")
-    return meta
+    return read_folder_meta(path, FORMAT, FORMAT_VERSION, "mechfaith cross-layer transcoder")
 
 
 def load_clt(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
@@ -90,17 +77,7 @@ def load_clt(path: str | os.PathLike[str], map_location: str | torch.device = "c
         cfg = config_from_dict(CLTConfig, meta["config"])
     except ConfigError as exc:
         raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
-    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta["weights_sha256"])
-    expected = CrossLayerTranscoder.state_shapes(cfg)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CoderFileError(folder / WEIGHTS_NAME, f"tensors do not match the config "
-                                                    f"(missing: {missing or '-'}, unexpected: {extra or '-'})")
-    for name, t in tensors.items():
-        if tuple(t.shape) != expected[name]:
-            raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
-                                                        f"the config implies {str(expected[name])[:80]}")
+    tensors = read_checked_weights(folder, meta, CrossLayerTranscoder.state_shapes(cfg))
     clt = CrossLayerTranscoder(cfg)
     clt.load_state_dict(tensors)
     return clt.to(map_location)

@@ -122,26 +122,48 @@ def resolve_coder_folder(path: str | os.PathLike[str]) -> Path:
     raise CoderFileError(p, f"expected a coder folder (with {CONFIG_NAME} and {WEIGHTS_NAME})")
 
 
-def read_coder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checked contents of a coder's ``config.json``."""
+def read_folder_meta(path: str | os.PathLike[str], fmt: str = FORMAT, version: int = FORMAT_VERSION,
+                     what: str = "mechfaith coder") -> dict[str, Any]:
+    """The checked ``config.json`` of a folder of format ``fmt`` (a coder's, a CLT's): format,
+    version, field types, the weights' SHA-256."""
     folder = resolve_coder_folder(path)
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         if (folder / "cfg.json").is_file():
-            raise CoderFileError(folder, "this is a SAELens folder (cfg.json), not a mechfaith coder")
-        raise CoderFileError(folder, f"no {CONFIG_NAME}: not a mechfaith coder folder")
+            raise CoderFileError(folder, f"this is a SAELens folder (cfg.json), not a {what}")
+        raise CoderFileError(folder, f"no {CONFIG_NAME}: not a {what} folder")
     meta = read_json(cfg_path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CoderFileError(cfg_path, f"not a mechfaith coder (format is not {FORMAT!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CoderFileError(cfg_path, f"format version {version!r} is not supported "
-                                       f"(this mechfaith reads version {FORMAT_VERSION})")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CoderFileError(cfg_path, f"not a {what} (format is not {fmt!r})")
+    if meta.get("format_version") != version:
+        raise CoderFileError(cfg_path, f"format version {meta.get('format_version')!r} is not supported "
+                                       f"(this mechfaith reads version {version})")
     check_fields(cfg_path, meta, {"config": "dict", "weights_sha256": "str", "training": "dict|null"},
                  required=("config", "weights_sha256"))
     if not SHA256_RE.fullmatch(meta["weights_sha256"]):
         raise CoderFileError(cfg_path, f"'weights_sha256' is not a SHA-256 ({meta['weights_sha256']!r:.80})")
     return meta
+
+
+def read_coder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked contents of a coder's ``config.json``."""
+    return read_folder_meta(path)
+
+
+def read_checked_weights(folder: Path, meta: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """The folder's weights, checksum verified, their names and shapes equal to ``expected`` (the
+    config's, known before anything is allocated for the module)."""
+    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta["weights_sha256"])
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CoderFileError(folder / WEIGHTS_NAME, f"tensors do not match the config "
+                                                    f"(missing: {missing or '-'}, unexpected: {extra or '-'})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != expected[name]:
+            raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
+                                                        f"the config implies {str(expected[name])[:80]}")
+    return tensors
 
 
 def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> SparseCoder:
@@ -152,17 +174,7 @@ def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = 
         cfg = config_from_dict(CoderConfig, meta["config"])
     except ConfigError as exc:
         raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
-    tensors = read_tensors(folder / WEIGHTS_NAME, expected_sha256=meta["weights_sha256"])
-    expected = SparseCoder.state_shapes(cfg)  # checked before the coder is allocated
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CoderFileError(folder / WEIGHTS_NAME, f"tensors do not match the config "
-                                                    f"(missing: {missing or '-'}, unexpected: {extra or '-'})")
-    for name, t in tensors.items():
-        if tuple(t.shape) != expected[name]:
-            raise CoderFileError(folder / WEIGHTS_NAME, f"tensor {name} has shape {tuple(t.shape)}, "
-                                                        f"the config implies {str(expected[name])[:80]}")
+    tensors = read_checked_weights(folder, meta, SparseCoder.state_shapes(cfg))
     coder = SparseCoder(cfg)
     coder.load_state_dict(tensors)
     return coder.to(map_location)

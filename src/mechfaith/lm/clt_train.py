@@ -17,6 +17,12 @@ The coder options are :class:`~mechfaith.lm.config.LMCoderConfig`'s: ``n_latents
 ``skip_init``, ``latent_init_fraction``, ``center_encoder``, ``init_seed``, the JumpReLU threshold and
 bandwidth; ``reach`` limits how many later layers each latent writes to. Memory: the decoders hold
 ``n d L (L + 1) / 2`` numbers (a 6-layer block of SmolLM2-135M with 1024 latents per layer: 12.4M).
+
+Under torchrun (``torchrun --nproc_per_node N -m mechfaith lm train --clt --layers A-B ...``) the
+processes train data-parallel (:mod:`mechfaith.training.distributed`): each streams the same global
+batches (the model's forward pass is repeated on every rank) and trains on its share of the rows,
+gradients averaged, so N processes train the weights one process would; rank 0 writes the log,
+the checkpoints and the CLT. The batch size must be a multiple of N.
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ from mechfaith.errors import ConfigError, TrainingDiverged
 from mechfaith.jsonio import json_safe, write_json
 from mechfaith.lm.config import LMCoderConfig, LMConfig
 from mechfaith.lm.corpus import CorpusConfig
+from mechfaith.lm.distributed import SetRanks, join_ranks
 from mechfaith.lm.layer_set import STREAMED, model_stream, parse_layers
 from mechfaith.lm.model_cache import get_model, resolve_layer
 from mechfaith.lm.model_stream import ModelActivationStream
 from mechfaith.lm.train import CHECKPOINT_DIR, TRAIN_JSON, check_resumable
+from mechfaith.training import distributed as ddp
 from mechfaith.training.clt_trainer import CLTTrainer
 from mechfaith.training.config import TrainConfig
 
@@ -144,6 +152,17 @@ def train_clt_block(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderC
     out = Path(out)
     if resume:
         check_resumable([out / CHECKPOINT_DIR], out / CHECKPOINT_DIR)
+    ranks = join_ranks(cfg.device)
+    try:
+        return _train(dataclasses.replace(cfg, device=ranks.device), corpus_cfg, coder_cfg, train_cfg, out, layers,
+                      reach, resume, progress and ranks.is_main, ranks, t0)
+    finally:
+        ranks.close()
+
+
+def _train(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig, train_cfg: TrainConfig, out: Path,
+           layers: Sequence[int] | str, reach: int | None, resume: bool, progress: bool, ranks: SetRanks,
+           t0: float) -> CLTTrainResult:
     lm = get_model(cfg)
     wanted = parse_layers(layers, lm.adapter.n_layers) if isinstance(layers, str) else list(layers)
     block = check_block([resolve_layer(lm.adapter, l) for l in wanted])
@@ -163,14 +182,16 @@ def train_clt_block(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderC
     out.mkdir(parents=True, exist_ok=True)
     trainer = CLTTrainer(clt, train_cfg, references, log_path=out / METRICS_NAME, checkpoint_dir=out / CHECKPOINT_DIR,
                          progress=progress, desc=f"train CLT L{block[0]}-{block[-1]}")
-    result = trainer.fit(BlockStream(stream), resume=resume)
+    # under torchrun: data parallel, every rank streams the same global batches and trains on its rows
+    ddp.attach(trainer, ranks.ctx)
+    result = ddp.fit(trainer, BlockStream(stream), ranks.ctx, resume=resume, row_dim=1)
     meta: dict[str, Any] = {
         "source": "mechfaith lm train --clt", "model": lm.name, "layers": block, "input_site": cfg.input_site,
         "output_site": cfg.output_site, "activations": STREAMED, "corpus": config_to_dict(corpus_cfg),
         "train_config": config_to_dict(train_cfg), "lm_coder_config": config_to_dict(coder_cfg),
         "steps": result.steps_done, "tokens": result.tokens_seen, "status": result.status}
     clt.eval()
-    if result.ok:
+    if result.ok and ranks.is_main:
         save_clt(clt, out / CLT_DIR, training=json_safe(meta))
     final = {k: v for k in ("fve", "mse", "l0", "l0_token", "dead_frac", "loss", "jacobian_rel")
              if (v := result.final_metrics.get(k)) is not None}
@@ -179,7 +200,9 @@ def train_clt_block(cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderC
         clt_folder=str(final_path(out / CLT_DIR)) if result.ok else None, message=result.message,
         unique_tokens=data[0].unique_tokens, skip_lstsq_fve=[i.skip_fve for i in inits], final_train_metrics=final,
         train_seconds=round(result.elapsed_s, 2), total_seconds=round(time.perf_counter() - t0, 2))
-    write_json(out / TRAIN_JSON, summary.to_json())
+    if ranks.is_main:
+        write_json(out / TRAIN_JSON, summary.to_json())
+    ranks.ctx.barrier()
     if not result.ok:
         raise TrainingDiverged(result.message or "training diverged")
     return summary

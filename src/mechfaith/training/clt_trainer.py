@@ -126,8 +126,13 @@ class CLTTrainer(EngineMember):
         coef = sparsity_coef_at(self.step_count, cfg) if sparsity_coef is None else sparsity_coef
         v = None
         if cfg.jacobian_coef > 0:
-            shape = x.shape if cfg.n_probes == 1 else (cfg.n_probes, *x.shape)
+            # probes of the global batch, this rank's rows taken: data-parallel ranks see the probes
+            # one process would (the same weights, not merely a valid estimate)
+            rank, world = (self.sync.rank, self.sync.world_size) if self.sync is not None else (0, 1)
+            L, rows, d = x.shape
+            shape = (L, rows * world, d) if cfg.n_probes == 1 else (cfg.n_probes, L, rows * world, d)
             v = torch.randn(shape, generator=self.generator, dtype=x.dtype, device=x.device)
+            v = v.narrow(-2, rank * rows, rows)
         return clt_losses(self.coder, x, y, sparsity=cfg.sparsity, sparsity_coef=coef, tanh_scale=cfg.tanh_scale,
                           jacobian_coef=cfg.jacobian_coef, references=self.references, v=v)
 

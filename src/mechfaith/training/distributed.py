@@ -40,7 +40,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,11 @@ from torch import Tensor
 from mechfaith.coders.files import read_json, write_json
 from mechfaith.errors import CoderFileError, ConfigError, InputError
 from mechfaith.training import checkpoint as ckpt
+from mechfaith.training.clt_trainer import CLTTrainer
 from mechfaith.training.streams import BatchStream, as_stream
 from mechfaith.training.trainer import Trainer, TrainResult
+
+AnyTrainer = TypeVar("AnyTrainer", Trainer, CLTTrainer)
 
 log = logging.getLogger(__name__)
 
@@ -165,24 +168,25 @@ class ShardedStream:
 
     The global batch size must be divisible by the world size (equal slices keep the averaged
     gradient equal to the global batch's). The state is the wrapped stream's own (the global
-    position), so checkpoints resume with any world size or with a single process.
+    position), so checkpoints resume with any world size or with a single process. ``row_dim``:
+    the dimension that holds the rows (0; 1 for a CLT's layer-major batches [L, B, d]).
     """
 
-    def __init__(self, stream: Any, rank: int, world_size: int) -> None:
+    def __init__(self, stream: Any, rank: int, world_size: int, row_dim: int = 0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"bad rank {rank} of world size {world_size}")
         self.stream: BatchStream = as_stream(stream)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.row_dim = rank, world_size, row_dim
 
     def next_batch(self) -> tuple[Tensor, Tensor | None]:
         x, y = self.stream.next_batch()
-        b = x.shape[0]
+        b = x.shape[self.row_dim]
         if b % self.world_size:
             raise InputError(f"the global batch has {b} rows, not divisible by the {self.world_size} "
                              f"processes; choose a batch size that is a multiple of the world size")
         per = b // self.world_size
-        rows = slice(self.rank * per, (self.rank + 1) * per)
-        return x[rows], (y[rows] if y is not None else None)
+        start = self.rank * per
+        return x.narrow(self.row_dim, start, per), (y.narrow(self.row_dim, start, per) if y is not None else None)
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
@@ -195,8 +199,9 @@ class ShardedStream:
 class GradientSync:
     """The trainer's data-parallel hook (``Trainer.sync``): collectives over the default group."""
 
-    def __init__(self, world_size: int, checkpoint_dir: Path | None = None) -> None:
+    def __init__(self, world_size: int, checkpoint_dir: Path | None = None, rank: int = 0) -> None:
         self.world_size = world_size
+        self.rank = rank
         self.checkpoint_dir = checkpoint_dir  # rank 0's folder, for resuming on every rank
 
     def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
@@ -247,7 +252,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src=src)
 
 
-def attach(trainer: Trainer, ctx: DistContext) -> Trainer:
+def attach(trainer: AnyTrainer, ctx: DistContext) -> AnyTrainer:
     """Make ``trainer`` train data-parallel in the group of ``ctx`` (no-op for one process).
 
     Broadcasts the coder's weights from rank 0, installs the gradient/metric averaging hook, and
@@ -260,7 +265,7 @@ def attach(trainer: Trainer, ctx: DistContext) -> Trainer:
     if trainer.step_count:
         raise ConfigError("attach the trainer to the group before its first step")
     broadcast_module(trainer.coder)
-    trainer.sync = GradientSync(ctx.world_size, trainer.checkpoint_dir)
+    trainer.sync = GradientSync(ctx.world_size, trainer.checkpoint_dir, ctx.rank)
     if not ctx.is_main:
         trainer.log_path = None
         trainer.checkpoint_dir = None
@@ -268,17 +273,19 @@ def attach(trainer: Trainer, ctx: DistContext) -> Trainer:
     return trainer
 
 
-def fit(trainer: Trainer, stream: Any, ctx: DistContext, *, shard: bool = True,
-        resume: bool | str = False, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def fit(trainer: Trainer | CLTTrainer, stream: Any, ctx: DistContext, *, shard: bool = True,
+        resume: bool | str = False, on_log: Callable[[dict[str, Any]], None] | None = None,
+        row_dim: int = 0) -> TrainResult:
     """:meth:`Trainer.fit` on every rank of the group (after :func:`attach`).
 
     ``stream``: with ``shard=True`` the *global* stream (same seed on every rank), of which each
-    rank trains on its slice (:class:`ShardedStream`); with ``shard=False`` a stream that already
+    rank trains on its slice (:class:`ShardedStream`, rows along ``row_dim``: 1 for a
+    :class:`~mechfaith.training.clt_trainer.CLTTrainer`); with ``shard=False`` a stream that already
     yields this rank's own batches (e.g. activations computed from the rank's share of contexts).
     ``resume``: True or "auto" as in :meth:`Trainer.fit`; every rank reads rank 0's checkpoint
     folder (which must be reachable from every rank).
     """
-    source: BatchStream = ShardedStream(stream, ctx.rank, ctx.world_size) if shard else as_stream(stream)
+    source: BatchStream = ShardedStream(stream, ctx.rank, ctx.world_size, row_dim) if shard else as_stream(stream)
     if not ctx.distributed:
         return trainer.fit(source, resume=resume, on_log=on_log)
     sync = trainer.sync
