@@ -157,6 +157,21 @@ def load_config_sections(path: str | Path | None, sections: typing.Sequence[str]
     return out
 
 
+def config_with_quick(cls: type[T], args: argparse.Namespace, section: str, quick: typing.Mapping[str, Any]) -> T:
+    """``cls`` from built-in defaults < the ``quick`` preset (with ``--quick``) < the config file (its
+    ``[section]``, or the whole file when it has none) < flags on the command line."""
+    file_values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data = load_config_file(args.config)
+        values = data.get(section, data)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{args.config}: the [{section}] section must be a mapping of {cls.__name__} values")
+        file_values = values
+    if getattr(args, "quick", False):
+        file_values = {**quick, **file_values}
+    return dataclass_from_args(cls, args, file_values=file_values)
+
+
 def add_quiet_option(parser: argparse.ArgumentParser, help: str = "hide progress bars") -> None:
     """``--quiet`` on a command (unless its parser already has it); absent from the namespace when not
     given, so the top-level ``-q`` can set it."""

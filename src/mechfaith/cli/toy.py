@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 from mechfaith.cli import toy_multihop
-from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_file
+from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, config_with_quick
 from mechfaith.cli.out_guard import add_overwrite_option, new_output
 from mechfaith.coders.files import save_coder
-from mechfaith.errors import ConfigError
 from mechfaith.toy.experiments import QUICK, ToyConfig, run_toy
 
 log = logging.getLogger(__name__)
@@ -50,17 +49,7 @@ def add_parser(subparsers) -> None:
 
 def build_config(args: argparse.Namespace) -> ToyConfig:
     """Built-in defaults < the --quick preset < the config file < flags on the command line."""
-    file_values: dict = {}
-    if getattr(args, "config", None):
-        data = load_config_file(args.config)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of ToyConfig values")
-        file_values = data.get("toy", data)
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"{args.config}: the [toy] section must be a mapping of ToyConfig values")
-    if getattr(args, "quick", False):
-        file_values = {**QUICK, **file_values}
-    return dataclass_from_args(ToyConfig, args, file_values=file_values)
+    return config_with_quick(ToyConfig, args, "toy", QUICK)
 
 
 def run(args: argparse.Namespace) -> int:

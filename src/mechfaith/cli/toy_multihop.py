@@ -14,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, dataclass_from_args, load_config_file
+from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, config_with_quick
 from mechfaith.cli.out_guard import add_overwrite_option, new_output
-from mechfaith.errors import ConfigError
 from mechfaith.toy.multihop import QUICK, MultihopConfig, run_multihop
 
 OWN_NAMES = ("metrics.json", "report.html", "report.md", "*.png")  # what write_multihop_outputs writes
@@ -39,17 +38,7 @@ def add_parser(subparsers) -> None:
 
 def build_config(args: argparse.Namespace) -> MultihopConfig:
     """Built-in defaults < the --quick preset < the config file < flags on the command line."""
-    file_values: dict = {}
-    if getattr(args, "config", None):
-        data = load_config_file(args.config)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of MultihopConfig values")
-        file_values = data.get("multihop", data)
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"{args.config}: the [multihop] section must be a mapping of MultihopConfig values")
-    if getattr(args, "quick", False):
-        file_values = {**QUICK, **file_values}
-    return dataclass_from_args(MultihopConfig, args, file_values=file_values)
+    return config_with_quick(MultihopConfig, args, "multihop", QUICK)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from mechfaith.training.clt_losses import CLTTerms, Reference, clt_losses
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker
 from mechfaith.training.engine import EngineMember, PendingStep
-from mechfaith.training.optim import clip_, make_adam, total_norm
+from mechfaith.training.optim import backward_step, make_adam, set_lr, tokens_since_fired
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
 from mechfaith.training.streams import BatchStream
 from mechfaith.training.trainer_state import load_trainer_state, params_finite, save_trainer_state
@@ -143,26 +143,14 @@ class CLTTrainer(EngineMember):
         x, y = self._prepare(x, y, f"batch of step {index + 1}")
         lr = lr_at(index, cfg)
         coef = sparsity_coef_at(index, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.compute_losses(x, y, sparsity_coef=coef)
-        terms.total.backward()
-        if self.sync is not None:
-            self.sync.reduce_grads(self.params)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = total_norm(grads)
-        if cfg.grad_clip > 0:
-            clip_(grads, cfg.grad_clip, grad_norm)
+        grad_norm = backward_step(terms.total, self.params, cfg.grad_clip, self.sync)
         B = x.shape[1]
         with torch.no_grad():
-            fired = terms.out.mask.any(dim=1).reshape(-1)  # [L * n]
-            rows = B
-            if self.sync is not None:
-                fired = self.sync.reduce_fired(fired)
-                rows = self.sync.global_rows(B)
-            since = self.tracker.tokens_since_fired
-            new_since = torch.where(fired, torch.zeros_like(since), since + rows)
+            new_since, rows = tokens_since_fired(self.tracker.tokens_since_fired,
+                                                 terms.out.mask.any(dim=1).reshape(-1), B, self.sync)  # [L * n]
             names = ["loss", "grad_norm"]
             values = [terms.total.detach(), grad_norm]
             if want_metrics:

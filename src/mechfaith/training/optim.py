@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,3 +37,35 @@ def clip_(grads: list[Tensor], max_norm: float, total: Tensor) -> None:
     """Scale the gradients in place so their global norm is at most ``max_norm``."""
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads, coef)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate to ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def backward_step(total: Tensor, params: Sequence[torch.nn.Parameter], grad_clip: float, sync: Any = None,
+                  before_norm: Callable[[], None] | None = None) -> Tensor:
+    """Backpropagate ``total``, average the gradients over data-parallel ranks (``sync``), run
+    ``before_norm`` (e.g. project unit-norm decoder gradients), clip to ``grad_clip`` (0: off);
+    returns the global gradient norm before clipping (no host sync)."""
+    total.backward()
+    if sync is not None:
+        sync.reduce_grads(list(params))
+    if before_norm is not None:
+        before_norm()
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = total_norm(grads)
+    if grad_clip > 0:
+        clip_(grads, grad_clip, norm)
+    return norm
+
+
+def tokens_since_fired(since: Tensor, fired: Tensor, rows: int, sync: Any = None) -> tuple[Tensor, int]:
+    """The dead-latent counters after a step of ``rows`` rows in which ``fired`` (bool, like ``since``)
+    fired, OR-ed and counted over data-parallel ranks: ``(new counters, rows over all ranks)``."""
+    if sync is not None:
+        fired = sync.reduce_fired(fired)
+        rows = sync.global_rows(rows)
+    return torch.where(fired, torch.zeros_like(since), since + rows), rows

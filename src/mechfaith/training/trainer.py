@@ -42,7 +42,7 @@ from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
 from mechfaith.training.engine import EngineMember, PendingStep, TrainResult
 from mechfaith.training.jacobian_matching import jacobian_matching
-from mechfaith.training.optim import clip_, make_adam, total_norm
+from mechfaith.training.optim import backward_step, make_adam, set_lr, tokens_since_fired
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
 from mechfaith.training.streams import BatchStream
 from mechfaith.training.trainer_state import load_trainer_state, params_finite, save_trainer_state
@@ -240,30 +240,18 @@ class Trainer(EngineMember):
         x, y = self._prepare(x, y, f"batch of step {index + 1}")
         lr = lr_at(index, cfg)
         coef = sparsity_coef_at(index, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.compute_losses(x, y, sparsity_coef=coef)
-        terms.total.backward()
-        if self.sync is not None:
-            self.sync.reduce_grads(self.params)
-        if self._unit:
-            coder.remove_parallel_decoder_grad_()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = total_norm(grads)
-        if cfg.grad_clip > 0:
-            clip_(grads, cfg.grad_clip, grad_norm)
+        grad_norm = backward_step(terms.total, self.params, cfg.grad_clip, self.sync,
+                                  coder.remove_parallel_decoder_grad_ if self._unit else None)
 
         batch = x.shape[0]
         with torch.no_grad():
-            fired = terms.out.mask.any(dim=0)  # [n_latents]
-            rows = batch  # rows of this step over all processes
-            if self.sync is not None:
-                fired = self.sync.reduce_fired(fired)
-                rows = self.sync.global_rows(batch)
-            since = self.tracker.tokens_since_fired
-            new_since = torch.where(fired, torch.zeros_like(since), since + rows)
+            # [n_latents]; rows: of this step over all processes
+            new_since, rows = tokens_since_fired(self.tracker.tokens_since_fired, terms.out.mask.any(dim=0), batch,
+                                                 self.sync)
             names = ["loss", "grad_norm", "n_dead"]
             values = [terms.total.detach(), grad_norm, (new_since >= cfg.dead_window).sum()]
             if want_metrics:
