@@ -127,7 +127,7 @@ def test_arms_build_their_coders_and_penalties():
 def test_the_grid_of_sites_and_cells():
     cfg = ExperimentConfig(layers=[15, 3], passages=["default", "numbers"], arms=["topk-skip", "relu-tanh"],
                            other_site_arms=["relu-tanh"], rates=[0.0, 0.01, 0.05], jacobian_coefs=[0.0, 0.1],
-                           jacobian_at="max", ks=[8, 32], seeds=[0])
+                           jacobian_at="max", jacobian_arms=[], ks=[8, 32], seeds=[0])
     assert cfg.sites() == [("default", 15, ["topk-skip", "relu-tanh"]), ("numbers", 15, ["relu-tanh"]),
                            ("default", 3, ["relu-tanh"])]
     cells = site_cells(cfg, "default", 15, ["topk-skip", "relu-tanh"])
@@ -139,10 +139,19 @@ def test_the_grid_of_sites_and_cells():
     assert len({c["name"] for c in cells}) == len(cells)
     every = dict(cfg.__dict__, jacobian_at="all")
     assert len(site_cells(ExperimentConfig(**every), "default", 15, ["relu-tanh"])) == 6
+    # Jacobian matching only for the jacobian_arms; the other sites at their own rates, plain only
+    some = ExperimentConfig(**dict(cfg.__dict__, jacobian_arms=["relu-tanh"], other_site_rates=[0.0, 0.01]))
+    cells = site_cells(some, "default", 15, ["topk-skip", "relu-tanh"])
+    assert {c["arm"] for c in cells if c["jacobian_coef"] > 0} == {"relu-tanh"} and len(cells) == 2 * 3 + 4
+    other = site_cells(some, "numbers", 15, ["relu-tanh"], main=False)
+    assert [(c["rate"], c["jacobian_coef"]) for c in other] == [(0.0, 0.0), (0.01, 0.0)]
+    both = ExperimentConfig(**dict(some.__dict__, other_site_jacobian=True))
+    assert [(c["rate"], c["jacobian_coef"]) for c in site_cells(both, "numbers", 15, ["relu-tanh"], main=False)] == [
+        (0.0, 0.0), (0.01, 0.0), (0.01, 0.1)]
     for kw in ({"arms": ["topk", "nope"]}, {"other_site_arms": ["x-skip"]}, {"layers": []}, {"layers": [-2]},
                {"passages": []}, {"passages": ["no/such/file.txt"]}, {"jacobian_at": "some"},
                {"tanh_coef": 0.0}, {"jumprelu_coef": -1.0}, {"specific_ratio": 0.5}, {"arms": ["topk", "topk"]},
-               {"jumprelu_init_l0": 0.0}):
+               {"jumprelu_init_l0": 0.0}, {"jacobian_arms": ["relu"]}, {"other_site_rates": [2.0]}):
         with pytest.raises(ConfigError):
             ExperimentConfig(**kw)
 
@@ -193,7 +202,8 @@ def test_measure_cell_counts_specific_features_as_brute_force_does(setup):
 def tiny_sites(root, **kw):
     base = dict(model="random-llama", layers=[1, 0], passages=[str(root / "passage.txt"), "numbers"],
                 arms=["topk", "relu-tanh"], other_site_arms=["relu-tanh"], rates=[0.0, 0.2],
-                jacobian_coefs=[0.0, 0.5], jacobian_at="max", ks=[4], seeds=[0], n_latents=32, steps=10,
+                jacobian_coefs=[0.0, 0.5], jacobian_at="max", jacobian_arms=[], other_site_rates=[],
+                ks=[4], seeds=[0], n_latents=32, steps=10,
                 batch_size=64, train_tokens=500, tanh_coef=0.05, eval_contexts=6, passage_eval_contexts=2,
                 detector_contexts=6, jacobian_rows=32, eval_probes=1, batch_contexts=8)
     base.update(kw)
@@ -208,7 +218,7 @@ def test_sites_arms_and_reuse_when_arms_are_added(setup, monkeypatch):
     sites = {(c["passage"], c["layer"], c["arm"]) for c in on_disk["cells"]}
     assert sites == {("passage", 1, "topk"), ("passage", 1, "relu-tanh"), ("numbers", 1, "relu-tanh"),
                      ("passage", 0, "relu-tanh")}
-    assert len(on_disk["cells"]) == 4 * 3 and set(on_disk["data"]) == {"passage_L1", "numbers_L1", "passage_L0"}
+    assert len(on_disk["cells"]) == 2 * 3 + 2 * 2 and set(on_disk["data"]) == {"passage_L1", "numbers_L1", "passage_L0"}
     assert on_disk["layers"] == [1, 0] and set(on_disk["passages"]) == {"passage", "numbers"}
     # the numbers passage reuses the layer's unplanted rows: the same training contexts
     assert on_disk["data"]["numbers_L1"]["train_tokens"] == on_disk["data"]["passage_L1"]["train_tokens"]
@@ -230,4 +240,4 @@ def test_sites_arms_and_reuse_when_arms_are_added(setup, monkeypatch):
     again = run_experiment(tiny_sites(root, arms=["topk", "relu-tanh", "jumprelu"], jumprelu_coef=0.01),
                            corpus, out, progress=False)
     assert trained and all("jumprelu" in name for name in trained) and len(trained) == 3
-    assert len(again.cells) == 15
+    assert len(again.cells) == 13

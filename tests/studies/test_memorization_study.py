@@ -132,6 +132,7 @@ def tiny_config(root, **kw):
     base = dict(model="random-llama", layers=[1], rates=[0.0, 0.2], jacobian_coefs=[0.0, 0.5], ks=[4],
                 seeds=[0, 1], n_latents=32, steps=12, batch_size=64, train_tokens=600,
                 passages=[str(root / "passage.txt")], arms=["topk-skip"], other_site_arms=[], jacobian_at="all",
+                jacobian_arms=[],
                 eval_contexts=8, passage_eval_contexts=2,
                 detector_contexts=8, jacobian_rows=64, eval_probes=2, batch_contexts=8)
     base.update(kw)
@@ -263,7 +264,7 @@ def test_cli_experiment_quick_and_bad_argument(setup, tmp_path, capsys):
     assert "memorization" in printed and "report.html" in printed
     rep = json.loads((out / "experiment.json").read_text())
     assert rep["config"]["rates"] == [0.0, 0.05] and rep["config"]["steps"] == 6  # --quick, then flags
-    assert len(rep["cells"]) == 6 and (out / "report.html").is_file()  # Jacobian matching at 5% only
+    assert len(rep["cells"]) == 5 and (out / "report.html").is_file()  # Jacobian matching: relu-tanh at 5%
     assert {c["arm"] for c in rep["cells"]} == {"topk-skip", "relu-tanh"}
     assert "10x feats" in printed and "relu-tanh" in printed
     for bad, word in ((["--rates", "2"], "rates"), (["--arms", "topk,sigmoid"], "sigmoid"),

@@ -90,7 +90,7 @@ def _add_experiment_parser(sub) -> None:
                                                              "cells are kept)")
     add_overwrite_option(p)
     p.add_argument("--quick", action="store_true", help="the small variant (one site, arms topk and "
-                   "relu-tanh, 2 rates, 150 steps; a few minutes); flags and the config file still override it")
+                   "relu-tanh, 2 rates, 100 steps; a few minutes); flags and the config file still override it")
     p.add_argument("--config", default=None, help="TOML or YAML file with sections [experiment], [corpus]")
     add_quiet_option(p, "hide progress")
     add_dataclass_args(p.add_argument_group("experiment"), ExperimentConfig)

@@ -159,13 +159,13 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
     run = _Run(lm, corpus_cfg, train, held, eval_source, Path(out), say, progress)
     sites = [(p, resolve_layer(lm.adapter, layer), arms) for p, layer, arms in cfg.sites()]
     texts = {passage_label(p): passage_text(p) for p, _, _ in sites}
-    n_cells = sum(len(site_cells(cfg, p, layer, arms)) for p, layer, arms in sites)
+    n_cells = sum(len(site_cells(cfg, p, layer, arms, i == 0)) for i, (p, layer, arms) in enumerate(sites))
     bar = tqdm(total=n_cells, desc="experiment cells", unit="cell", disable=not progress)
     results: list[CellResult] = []
     summaries: dict[str, Any] = {}
     collect_seconds = 0.0
     base: ExperimentData | None = None
-    for passage, layer, arms in sites:
+    for i, (passage, layer, arms) in enumerate(sites):
         tcol = time.perf_counter()
         text = passage_text(passage)
         ids = tokenize_text(lm, text)
@@ -176,7 +176,7 @@ def run_experiment(cfg: ExperimentConfig, corpus_cfg: CorpusConfig, out: str | P
         summaries[f"{passage_label(passage)}_L{layer}"] = data.summary()
         tokens = token_strings(tokenizer, data.passage_ids)
         clean_cache: dict[str, Any] = {}
-        for cell in site_cells(cfg, passage, layer, arms):
+        for cell in site_cells(cfg, passage, layer, arms, i == 0):
             bar.set_postfix_str(cell["name"])
             results.append(_run_cell(run, cfg, cell, data, text, tokens, clean_cache))
             bar.update(1)

@@ -25,7 +25,8 @@ from mechfaith.training.streams import TensorStream
 from mechfaith.training.trainer import Trainer
 
 # settings a cell's result does not depend on (its own place in the grid is added separately)
-NOT_IN_KEY = ("layers", "passages", "arms", "other_site_arms", "rates", "jacobian_coefs", "jacobian_at",
+NOT_IN_KEY = ("layers", "passages", "arms", "other_site_arms", "rates", "jacobian_coefs", "jacobian_at", "jacobian_arms",
+              "other_site_rates", "other_site_jacobian",
               "ks", "seeds",
               "save_coders", "device", "tanh_coef", "tanh_c", "jumprelu_coef", "jumprelu_init_l0",
               "jumprelu_bandwidth")
@@ -75,18 +76,21 @@ def cell_name(passage: str, layer: int, arm: str, rate: float, coef: float, k: i
     return f"{passage}_L{layer}_{arm}_rate{rate:g}_jac{coef:g}{ktext}_seed{seed}"
 
 
-def site_cells(cfg: ExperimentConfig, passage: str, layer: int, arms: list[str]) -> list[dict[str, Any]]:
-    """The cells of one site: every arm x rate x Jacobian coefficient (x k for TopK arms) x seed,
-    Jacobian coefficients > 0 only at ``cfg.jacobian_rates()``."""
+def site_cells(cfg: ExperimentConfig, passage: str, layer: int, arms: list[str],
+               main: bool = True) -> list[dict[str, Any]]:
+    """The cells of one site (the main one or another: :meth:`ExperimentConfig.site_plan`): every
+    arm x rate x Jacobian coefficient (x k for TopK arms) x seed, Jacobian coefficients > 0 only for
+    the site's Jacobian-matching arms at ``cfg.jacobian_rates``."""
     label = passage_label(passage)
-    jm_rates = cfg.jacobian_rates()
+    rates, jm_arms = cfg.site_plan(main, arms)
+    jm_rates = cfg.jacobian_rates(rates)
     out = []
     for arm_name in arms:
         ks = cfg.ks if parse_arm(arm_name).uses_k else [0]
         out += [{"name": cell_name(label, layer, arm_name, r, c, k, s), "passage": label, "layer": layer,
                  "arm": arm_name, "rate": r, "jacobian_coef": c, "k": k, "seed": s}
-                for r in cfg.rates for c in cfg.jacobian_coefs for k in ks for s in cfg.seeds
-                if c == 0 or r in jm_rates]
+                for r in rates for c in cfg.jacobian_coefs for k in ks for s in cfg.seeds
+                if c == 0 or (arm_name in jm_arms and r in jm_rates)]
     return out
 
 

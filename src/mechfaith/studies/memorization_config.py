@@ -5,8 +5,10 @@ The grid: a *site* is one (passage, layer). The first site (first passage, first
 arm of ``arms``; the other sites (each other passage at the first layer, the first passage at each
 other layer) train ``other_site_arms``, so that a finding can be checked on another kind of text
 and at another depth without training every arm everywhere. In every site, each arm is trained at
-every rate x seed (x k for the TopK arms) without Jacobian matching, and with it (each coefficient
-> 0) at the rates ``jacobian_at`` names (:meth:`ExperimentConfig.jacobian_rates`).
+every rate x seed (x k for the TopK arms) without Jacobian matching, and the ``jacobian_arms`` with
+it (each coefficient > 0) at the rates ``jacobian_at`` names. The other sites train at
+``other_site_rates``, without Jacobian matching unless ``other_site_jacobian``. Jacobian matching
+and the extra sites are where the compute goes, so the defaults spend it on the toy's coder.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ class ExperimentConfig:
     jacobian_coefs: list[float] = doc("Jacobian-matching coefficients of the cells (0 = plain "
                                       "training; 'with and without' is [0, c]).",
                                       default_factory=lambda: [0.0, 0.1])
+    jacobian_arms: list[str] = doc("Arms that get Jacobian-matching cells (empty: every arm; a name not "
+                                   "among the arms selects nothing); a Jacobian-matching step costs about "
+                                   "four plain ones.",
+                                   default_factory=lambda: ["relu-tanh"])
+    other_site_rates: list[float] = doc("Rates at the other sites (empty: the same as rates).",
+                                        default_factory=lambda: [0.0, 0.05])
+    other_site_jacobian: bool = doc("Whether the other sites get Jacobian-matching cells too (for the "
+                                    "jacobian_arms among their arms).", False)
     jacobian_at: str = doc("Rates at which the Jacobian-matching cells (coefficient > 0) are trained: "
                            "'max' (the largest rate: where memorization is largest; a Jacobian-matching "
                            "step costs several plain ones), 'planted' (every rate > 0) or 'all'.", "max",
@@ -111,6 +121,10 @@ class ExperimentConfig:
             raise ConfigError(f"ExperimentConfig.rates must be shares in [0, 1], got {self.rates}")
         if not self.jacobian_coefs or any(c < 0 for c in self.jacobian_coefs):
             raise ConfigError(f"ExperimentConfig.jacobian_coefs must be >= 0, got {self.jacobian_coefs}")
+        if any(not 0 <= r <= 1 for r in self.other_site_rates):
+            raise ConfigError(f"ExperimentConfig.other_site_rates must be shares in [0, 1], got {self.other_site_rates}")
+        for spec in self.jacobian_arms:
+            parse_arm(spec)
         if self.jacobian_at not in JACOBIAN_AT:
             raise ConfigError(f"ExperimentConfig.jacobian_at must be one of {', '.join(JACOBIAN_AT)}, "
                               f"got {self.jacobian_at!r}")
@@ -148,13 +162,19 @@ class ExperimentConfig:
         if self.specific_ratio < 1:
             raise ConfigError(f"ExperimentConfig.specific_ratio must be >= 1, got {self.specific_ratio}")
 
-    def jacobian_rates(self) -> list[float]:
-        """The rates at which Jacobian-matching cells are trained (``jacobian_at``)."""
+    def jacobian_rates(self, rates: list[float]) -> list[float]:
+        """Which of ``rates`` get Jacobian-matching cells (``jacobian_at``)."""
         if self.jacobian_at == "max":
-            return [max(self.rates)]
+            return [max(rates)]
         if self.jacobian_at == "planted":
-            return [r for r in self.rates if r > 0] or [max(self.rates)]
-        return list(self.rates)
+            return [r for r in rates if r > 0] or [max(rates)]
+        return list(rates)
+
+    def site_plan(self, main: bool, arms: list[str]) -> tuple[list[float], list[str]]:
+        """(rates, arms with Jacobian-matching cells) of the main site or of another one."""
+        rates = self.rates if main or not self.other_site_rates else self.other_site_rates
+        jm = [a for a in arms if not self.jacobian_arms or a in self.jacobian_arms]
+        return list(rates), (jm if main or self.other_site_jacobian else [])
 
     def sites(self) -> list[tuple[str, int, list[str]]]:
         """(passage, layer, arms) of every site, the main one first (module docstring)."""
@@ -168,8 +188,8 @@ class ExperimentConfig:
 
 # The --quick variant: the same design, smaller (a few minutes for SmolLM2 on 2 CPU cores).
 QUICK: dict[str, Any] = {"rates": [0.0, 0.05], "jacobian_coefs": [0.0, 0.1], "ks": [32],
-                         "arms": ["topk", "relu-tanh"], "other_site_arms": [], "layers": [15],
-                         "passages": ["default"], "steps": 150, "train_tokens": 20_000,
+                         "arms": ["topk", "relu-tanh"], "jacobian_arms": ["relu-tanh"], "other_site_arms": [],
+                         "layers": [15], "passages": ["default"], "steps": 100, "train_tokens": 12_000,
                          "eval_contexts": 8, "detector_contexts": 8, "jacobian_rows": 256,
                          "passage_eval_contexts": 2}
 

@@ -190,11 +190,12 @@ def findings(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
     """Plain-language statements of what the table shows (null results included), per site, arm
     and k: rate effects, datapoint features, the fit's parts and FVE, and Jacobian matching."""
     out: list[str] = []
-    lo, hi = min(cfg.rates), max(cfg.rates)
     plain = min(cfg.jacobian_coefs)
-    planted = sorted(r for r in cfg.rates if r > lo)
     arms = {(r["passage"], r["layer"], r["arm"], r["k"]): r for r in rows}
     for (passage, layer, arm, k), any_row in arms.items():
+        rates = sorted({r["rate"] for r in rows if (r["passage"], r["layer"], r["arm"], r["k"]) == (passage, layer, arm, k)})
+        lo, hi = rates[0], rates[-1]
+        planted = [r for r in rates if r > lo]
         for coef in cfg.jacobian_coefs:
             a = _find(rows, any_row, rate=lo, jacobian_coef=coef)
             b = _find(rows, any_row, rate=hi, jacobian_coef=coef)
