@@ -53,10 +53,10 @@ class ExperimentConfig:
     passages: list[str] = doc("The repeated passages: 'default' or 'prose' (a public-domain speech), "
                               "'numbers' (a list of numbers) or paths to text files; the first is the "
                               "main site's.", default_factory=lambda: ["default", "numbers"])
-    arms: list[str] = doc("Arms trained at the main site (first passage, first layer): topk, relu-tanh "
+    arms: list[str] = doc("Arms trained at the main site (first passage, first layer), in this order: topk, relu-tanh "
                           "(ReLU with the toy's tanh-L1 penalty), jumprelu, each optionally with "
                           "'-skip' (a least-squares linear skip).",
-                          default_factory=lambda: ["topk-skip", "topk", "relu-tanh", "jumprelu"])
+                          default_factory=lambda: ["relu-tanh", "topk", "topk-skip", "jumprelu"])
     other_site_arms: list[str] = doc("Arms trained at the other sites (the other passages at the first "
                                      "layer, the first passage at the other layers); empty: none.",
                                      default_factory=lambda: ["relu-tanh"])
