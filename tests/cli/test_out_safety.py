@@ -85,9 +85,10 @@ COMMANDS: dict[str, tuple[Argv, bool]] = {
                                              "--eval-contexts", "4", "--n-probes", "1", "--spectra-inputs", "1",
                                              "--noise-scales", "0.3", "--passage", "none"], False),
     "faithfulness experiment": (lambda out, fx: [
-        "faithfulness", "experiment", "--out", out, "--quiet", "--model", "random-gpt2", "--layer", "1",
-        "--rates", "0.2", "--jacobian-coefs", "0", "--ks", "2", "--seeds", "0", "--n-latents", "16", "--steps", "2",
-        "--batch-size", "32", "--train-tokens", "200", "--passage", fx["passage"], "--eval-contexts", "2",
+        "faithfulness", "experiment", "--out", out, "--quiet", "--model", "random-gpt2", "--layers", "1",
+        "--rates", "0.2", "--arms", "topk-skip",
+        "--jacobian-coefs", "0", "--ks", "2", "--seeds", "0", "--n-latents", "16", "--steps", "2",
+        "--batch-size", "32", "--train-tokens", "200", "--passages", fx["passage"], "--eval-contexts", "2",
         "--passage-eval-contexts", "1", "--detector-contexts", "2", "--jacobian-rows", "8", "--eval-probes", "1",
         "--batch-contexts", "4", "--corpus-source", fx["texts"], "--corpus-context-length", "16",
         "--corpus-val-fraction", "0.34"], False),

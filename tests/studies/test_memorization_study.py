@@ -129,9 +129,11 @@ def test_spliced_ce_matches_the_fidelity_evaluator(setup):
 
 
 def tiny_config(root, **kw):
-    base = dict(model="random-llama", layer=1, rates=[0.0, 0.2], jacobian_coefs=[0.0, 0.5], ks=[4],
+    base = dict(model="random-llama", layers=[1], rates=[0.0, 0.2], jacobian_coefs=[0.0, 0.5], ks=[4],
                 seeds=[0, 1], n_latents=32, steps=12, batch_size=64, train_tokens=600,
-                passage=str(root / "passage.txt"), eval_contexts=8, passage_eval_contexts=2,
+                passages=[str(root / "passage.txt")], arms=["topk-skip"], other_site_arms=[], jacobian_at="all",
+                jacobian_arms=[],
+                eval_contexts=8, passage_eval_contexts=2,
                 detector_contexts=8, jacobian_rows=64, eval_probes=2, batch_contexts=8)
     base.update(kw)
     return ExperimentConfig(**base)
@@ -151,12 +153,12 @@ def test_run_experiment_writes_every_cell_and_the_table(experiment):
     assert len(on_disk["cells"]) == 8 and len(on_disk["table"]) == 4
     assert all(r["seeds"] == 2 for r in on_disk["table"])
     names = {c["name"] for c in on_disk["cells"]}
-    assert "rate0.2_jac0.5_k4_seed1" in names
+    assert "passage_L1_topk-skip_rate0.2_jac0.5_k4_seed1" in names
     for c in on_disk["cells"]:
         m = c["metrics"]
         assert 0 < m["l0"] <= 4 and m["fve"] < 1 and m["jacobian_rel"] > 0
         assert m["ce_clean"] > 0 and m["passage_ce_clean"] > 0 and m["memorization"] is not None
-        assert c["planted_contexts"] == round(c["rate"] * on_disk["data"]["train_contexts"])
+        assert c["planted_contexts"] == round(c["rate"] * on_disk["data"]["passage_L1"]["train_contexts"])
         assert (out / "cells" / c["name"] / "result.json").is_file()
         assert (out / "cells" / c["name"] / "coder").is_dir() == (c["seed"] == 0)
     # the clean CE is the same in every cell (one model, one set of held-out contexts)
@@ -168,6 +170,11 @@ def test_run_experiment_writes_every_cell_and_the_table(experiment):
     assert on_disk["findings"] and all(isinstance(f, str) for f in on_disk["findings"])
     # the returned result is what the file holds
     assert isinstance(rep, ExperimentResult) and rep.to_json() == on_disk and rep.path == str(out / "experiment.json")
+    for c in on_disk["cells"]:  # the new measurements are there, and the fit's parts add up
+        m = c["metrics"]
+        assert m["n_specific_features"] >= 0 and m["specific_ratio"] == 10.0
+        assert m["passage_linear_share"] + m["passage_feature_share"] == pytest.approx(
+            m["passage_linear_share"] + m["passage_feature_share"])
     again = CellResult.from_json(json.loads((out / "cells" / rep.cells[0].name / "result.json").read_text()))
     assert again == rep.cells[0]
 
@@ -191,15 +198,19 @@ def test_findings_say_clear_only_beyond_the_seed_spread():
     def cell(rate, coef, seed, mem):
         m = {k: 0.5 for k in TABLE_METRICS}
         m["memorization"] = mem
-        return CellResult(name=f"c{rate}_{coef}_{seed}", rate=rate, jacobian_coef=coef, k=8, seed=seed,
-                          train_seconds=0.0, train_metrics={}, planted_contexts=0, metrics=m, key={}, seconds=0.0)
+        return CellResult(name=f"c{rate}_{coef}_{seed}", passage="p", layer=3, arm="topk", rate=rate,
+                          jacobian_coef=coef, k=8, seed=seed, train_seconds=0.0, train_metrics={"fve": 0.5},
+                          planted_contexts=0, metrics=m, key={}, seconds=0.0)
 
     cells = [cell(0.0, 0.0, 0, 0.0), cell(0.0, 0.0, 1, 0.01), cell(0.05, 0.0, 0, 0.30), cell(0.05, 0.0, 1, 0.32),
              cell(0.0, 1.0, 0, 0.0), cell(0.0, 1.0, 1, 0.2), cell(0.05, 1.0, 0, 0.05), cell(0.05, 1.0, 1, 0.15)]
     text = findings(summarize(cells), cfg)
     assert any("plain: memorization by passage features rises clearly" in t for t in text)
+    assert any("topk k=8, plain: dedicated datapoint features formed at 5%" in t for t in text)
     assert any("coef 1: memorization by passage features shows no clear change" in t for t in text)
-    assert any("Jacobian matching (coef 1) lowers memorization clearly" in t for t in text)
+    assert any("coef 1: no dedicated datapoint features formed" in t for t in text)
+    assert any("Jacobian matching (coef 1) removes the dedicated datapoint features; it lowers memorization "
+               "clearly" in t for t in text)
     # a difference far beyond the seeds' spread but below the smallest effect worth a word is no finding
     tiny = [cell(0.0, 0.0, 0, 0.0001), cell(0.0, 0.0, 1, 0.0001), cell(0.05, 0.0, 0, 0.0005),
             cell(0.05, 0.0, 1, 0.0005)]
@@ -231,7 +242,7 @@ def test_report_page_opens_cleanly_in_chromium(experiment, tmp_path):
     assert "http://" not in html and "https://" not in html  # self-contained
     seen = open_page(path, selectors=("img", "table", "li", "h2"), screenshot="experiment_report.png")
     seen.assert_clean()
-    assert seen.counts["img"] == 6 and not seen.broken_images
+    assert seen.counts["img"] == 8 and not seen.broken_images
     assert all(im.natural_width > 100 for im in seen.images)
     assert seen.counts["li"] == len(rep.findings) and seen.counts["table"] == 2
     assert "Tiny experiment" in seen.title and "memorization" in seen.text
@@ -243,8 +254,9 @@ def test_cli_experiment_quick_and_bad_argument(setup, tmp_path, capsys):
     root, corpus, _ = setup
     out = tmp_path / "cli"
     args = ["faithfulness", "experiment", "--quick", "--quiet", "--out", str(out), "--model", "random-llama",
-            "--layer", "1", "--n-latents", "32", "--ks", "4", "--steps", "6", "--batch-size", "64",
-            "--train-tokens", "400", "--seeds", "0", "--passage", str(root / "passage.txt"),
+            "--layers", "1", "--n-latents", "32", "--ks", "4", "--steps", "6", "--batch-size", "64",
+            "--train-tokens", "400", "--seeds", "0", "--passages", str(root / "passage.txt"),
+            "--arms", "topk-skip,relu-tanh",
             "--eval-contexts", "6", "--detector-contexts", "6", "--jacobian-rows", "32",
             "--corpus-source", corpus.source, "--corpus-context-length", "20", "--corpus-val-fraction", "0.25"]
     assert main(args) == 0
@@ -252,8 +264,15 @@ def test_cli_experiment_quick_and_bad_argument(setup, tmp_path, capsys):
     assert "memorization" in printed and "report.html" in printed
     rep = json.loads((out / "experiment.json").read_text())
     assert rep["config"]["rates"] == [0.0, 0.05] and rep["config"]["steps"] == 6  # --quick, then flags
-    assert len(rep["cells"]) == 4 and (out / "report.html").is_file()
-    code = main(["faithfulness", "experiment", "--out", str(tmp_path / "bad"), "--rates", "2"])
-    err = capsys.readouterr().err
-    assert code == 2 and "rates" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "bad" / "experiment.json").exists()
+    assert len(rep["cells"]) == 5 and (out / "report.html").is_file()  # Jacobian matching: relu-tanh at 5%
+    assert {c["arm"] for c in rep["cells"]} == {"topk-skip", "relu-tanh"}
+    assert "10x feats" in printed and "relu-tanh" in printed
+    for bad, word in ((["--rates", "2"], "rates"), (["--arms", "topk,sigmoid"], "sigmoid"),
+                      (["--other-site-arms", "relu"], "relu"), (["--layers", "-3"], "layers"),
+                      (["--tanh-coef", "0"], "tanh_coef"), (["--jumprelu-coef", "nan"], "jumprelu_coef"),
+                      (["--specific-ratio", "0.5"], "specific_ratio"), (["--arms", "topk,topk"], "arms"),
+                      (["--passages", "no/such/file.txt"], "no/such/file.txt")):
+        code = main(["faithfulness", "experiment", "--out", str(tmp_path / "bad"), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1, (bad, err)
+        assert not (tmp_path / "bad" / "experiment.json").exists()

@@ -10,11 +10,14 @@
   --layers``) the report is of one layer, chosen with ``--layer L`` (default out:
   ``SET/layers/L<l>/faithfulness/``); without ``--layer`` the error lists the set's layers.
 - ``experiment``: the toy model's question on a real LM. Plant a repeated passage into a share of
-  the training contexts (0%, 1%, 5%), train TopK transcoders of one MLP with and without Jacobian
-  matching at a few k, over 2 seeds, and report memorization of the passage, Jacobian error (held
-  out and on the passage), FVE, L0 and spliced CE per cell, with plain-language findings.
-  Writes ``experiment.json`` and ``report.html`` into --out. About 30 minutes for SmolLM2-135M on
-  2 CPU cores; ``--quick`` about 4.
+  the training contexts (0%, 1%, 5%), train transcoders of one MLP with and without Jacobian
+  matching, in arms (TopK, ReLU with the toy's tanh-L1, JumpReLU; with or without a linear skip),
+  at two sites more (a list of numbers as the passage, an early layer), and report per cell
+  memorization of the passage, the features at least 10x more active on the passage than on any
+  held-out token (with their top tokens), which part of the coder (linear part, features) carries
+  the passage's fit, Jacobian error (held out and on the passage), FVE, L0 and spliced CE, with
+  plain-language findings. Writes ``experiment.json`` and ``report.html`` into --out. About 45
+  minutes for SmolLM2-135M on 2 CPU cores (finished cells are reused); ``--quick`` about 6.
 
 Config file sections: report: [faithfulness], [datapoints], [masking], [lm_faithfulness];
 experiment: [experiment], [corpus].
@@ -86,8 +89,8 @@ def _add_experiment_parser(sub) -> None:
     p.add_argument("--out", default="runs/experiment", help="output folder (an experiment's own folder: finished "
                                                              "cells are kept)")
     add_overwrite_option(p)
-    p.add_argument("--quick", action="store_true", help="the small variant (2 rates, 1 k, 100 steps; "
-                   "a few minutes); flags and the config file still override it")
+    p.add_argument("--quick", action="store_true", help="the small variant (one site, arms topk and "
+                   "relu-tanh, 2 rates, 100 steps; a few minutes); flags and the config file still override it")
     p.add_argument("--config", default=None, help="TOML or YAML file with sections [experiment], [corpus]")
     add_quiet_option(p, "hide progress")
     add_dataclass_args(p.add_argument_group("experiment"), ExperimentConfig)
@@ -134,22 +137,31 @@ def _run_experiment(args: argparse.Namespace) -> int:
     with run_output(out, EXPERIMENT_NAMES, "faithfulness experiment", overwrite=args.overwrite) as folder:
         rep = run_experiment(cfg, corpus_cfg, folder, progress=not getattr(args, "quiet", False))
         write_experiment_html(rep.to_json(), folder / "report.html",
-                              f"Memorization of a repeated passage by transcoders of {rep.model} layer {rep.layer}")
-    head = ("rate", "JM", "k", "memorization", "passage feats", "passage/held-out MSE", "passage Jac err",
-            "held-out Jac err", "FVE", "L0", "CE +")
-    print(" | ".join(head))
-    for r in rep.table:
-        print(" | ".join([f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}", str(r["k"]),
-                          fmt_value(r["memorization"], r["memorization_sd"]), fmt_value(r["n_passage_features"]),
-                          fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]),
-                          fmt_value(r["passage_jacobian_rel"]),
-                          fmt_value(r["jacobian_rel"], r["jacobian_rel_sd"]),
-                          fmt_value(r["fve"], r["fve_sd"]), fmt_value(r["l0"]),
-                          fmt_value(r["ce_increase"], r["ce_increase_sd"])]))
+                              f"Memorization of a repeated passage by transcoders of {rep.model} "
+                              f"layers {', '.join(map(str, rep.layers))}")
+    _print_table(rep.table)
     for line in rep.findings:
         print("- " + line)
     print(f"wrote {out / 'experiment.json'} and {out / 'report.html'} ({rep.seconds:.0f} s)")
     return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    head = ("passage", "layer", "arm", "k", "rate", "JM", "memorization", "passage feats", "10x feats",
+            "10x share", "passage/held-out MSE", "linear alone", "feature share P (H)", "passage Jac err",
+            "held-out Jac err", "FVE (train)", "L0", "CE +")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join([str(r["passage"]), str(r["layer"]), str(r["arm"]), str(r["k"] or "-"),
+                          f"{100 * r['rate']:g}%", f"{r['jacobian_coef']:g}",
+                          fmt_value(r["memorization"], r["memorization_sd"]), fmt_value(r["n_passage_features"]),
+                          fmt_value(r["n_specific_features"]), fmt_value(r["specific_share"]),
+                          fmt_value(r["passage_mse_ratio"], r["passage_mse_ratio_sd"]),
+                          fmt_value(r["linear_passage_mse_ratio"]),
+                          f"{fmt_value(r['passage_feature_share'])} ({fmt_value(r['heldout_feature_share'])})",
+                          fmt_value(r["passage_jacobian_rel"]), fmt_value(r["jacobian_rel"], r["jacobian_rel_sd"]),
+                          f"{fmt_value(r['fve'])} ({fmt_value(r['train_fve'])})", fmt_value(r["l0"]),
+                          fmt_value(r["ce_increase"], r["ce_increase_sd"])]))
 
 
 def run(args: argparse.Namespace) -> int:

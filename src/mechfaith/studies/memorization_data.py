@@ -54,6 +54,7 @@ class ExperimentData:
     detector_planted: int  # planted contexts in the detector sample
     train_source: str
     eval_source: str
+    layer: int = -1  # the layer the rows were collected at
 
     def rate_contexts(self, rate: float) -> int:
         """How many training contexts are planted at ``rate``."""
@@ -97,10 +98,13 @@ def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage
                           eval_contexts: int, passage_eval_contexts: int, detector_contexts: int,
                           detector_rate: float, key_window: int = 16, batch_contexts: int = 16,
                           plant_seed: int = 0, train_source: str = "", eval_source: str = "",
-                          on_stage: Any = None, progress: bool = False) -> ExperimentData:
+                          on_stage: Any = None, progress: bool = False,
+                          reuse: ExperimentData | None = None) -> ExperimentData:
     """Collect the experiment's tensors (module docstring) from ``train`` [n, L] and ``held_out``
     [n_h, L] contexts. ``on_stage``: optional callable(str) told about each stage; ``progress``:
-    a progress bar for the training contexts' collection."""
+    a progress bar for the training contexts' collection. ``reuse``: the data of another passage
+    collected from the same contexts at the same layer and sites, whose unplanted training and
+    held-out rows are taken as they are (only the passage's rows are collected)."""
     say = on_stage or (lambda s: log.info("experiment data: %s", s))
     if train.ndim != 2 or held_out.ndim != 2 or train.shape[1] != held_out.shape[1]:
         raise InputError("train and held-out contexts must be [n, L] with the same L")
@@ -113,8 +117,11 @@ def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage
     n = train.shape[0]
     n_max = int(round(max_rate * n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(plant_seed))
-    say(f"collecting {n} training contexts")
-    x_train, y_train = _collect(adapter, train, layer, input_site, output_site, batch_contexts, progress)
+    if reuse is not None and reuse.x_train.shape[:2] == (n, length - 1):
+        x_train, y_train = reuse.x_train, reuse.y_train
+    else:
+        say(f"collecting {n} training contexts")
+        x_train, y_train = _collect(adapter, train, layer, input_site, output_site, batch_contexts, progress)
     planted_ctx = train[order[:n_max]].clone()
     planted_ctx[:, 1:1 + len(ids)] = torch.tensor(ids, dtype=planted_ctx.dtype)
     if n_max:
@@ -126,8 +133,11 @@ def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage
     ev = held_out[:eval_contexts]
     if ev.shape[0] == 0:
         raise InputError("no held-out contexts for the experiment")
-    say(f"collecting {ev.shape[0]} held-out contexts")
-    x_ev, y_ev = _collect(adapter, ev, layer, input_site, output_site, batch_contexts)
+    if reuse is not None and torch.equal(reuse.eval_contexts, ev):
+        x_ev, y_ev = reuse.x_eval, reuse.y_eval
+    else:
+        say(f"collecting {ev.shape[0]} held-out contexts")
+        x_ev, y_ev = _collect(adapter, ev, layer, input_site, output_site, batch_contexts)
     n_pe = max(1, min(passage_eval_contexts, held_out.shape[0]))
     pctx, _ = plant_repeats(held_out[:n_pe], ids, 1.0)
     xp, yp = _collect(adapter, pctx[:1], layer, input_site, output_site, batch_contexts)
@@ -142,7 +152,7 @@ def build_experiment_data(adapter: Any, train: Tensor, held_out: Tensor, passage
         eval_contexts=ev, x_eval=x_ev.reshape(-1, d), y_eval=y_ev.reshape(-1, d), passage_ids=ids,
         x_passage=xp[0, :len(ids)].clone(), y_passage=yp[0, :len(ids)].clone(), passage_contexts=pctx,
         x_detector=x_det.reshape(-1, d), detector_keys=keys, detector_planted=int(planted.sum()),
-        train_source=train_source, eval_source=eval_source)
+        train_source=train_source, eval_source=eval_source, layer=layer)
 
 
 __all__ = ["ExperimentData", "build_experiment_data"]

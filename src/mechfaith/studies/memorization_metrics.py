@@ -38,6 +38,7 @@ from mechfaith.faithfulness.agreement import per_row_jvp_errors, summarize_error
 from mechfaith.faithfulness.datapoints import DatapointConfig, detect_datapoint_features
 from mechfaith.lm.fidelity import kl_per_token, model_device, next_token_ce
 from mechfaith.lm.splice import splice
+from mechfaith.studies.memorization_specific import fit_parts, specific_features
 
 Fn = Callable[[Tensor], Tensor]
 
@@ -129,9 +130,11 @@ def spliced_ce(adapter: Any, coder: SparseCoder, contexts: Tensor, layer: int, i
 def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, layer: int, input_site: str,
                  output_site: str, jacobian_rows: int = 2048, n_probes: int = 4, passage_probes: int = 32,
                  exclusive_rate: float = 1e-3, detector: DatapointConfig | None = None,
-                 batch_contexts: int = 16, seed: int = 0,
+                 batch_contexts: int = 16, seed: int = 0, specific_ratio: float = 10.0,
+                 passage_tokens: list[str] | None = None,
                  clean_cache: dict[str, dict[int, Tensor]] | None = None) -> dict[str, Any]:
-    """Every metric of one cell (module docstring); ``data`` is an
+    """Every metric of one cell (module docstring, and the passage-specific features and fit parts
+    of :mod:`mechfaith.studies.memorization_specific`); ``data`` is an
     :class:`~mechfaith.studies.memorization_data.ExperimentData`."""
     coder = coder.eval()
     dt = coder.W_enc.dtype
@@ -140,7 +143,7 @@ def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, 
     mse_h = float((yhat_h - y_h).pow(2).sum(1).mean())
     var_h = float((y_h - y_h.mean(0)).pow(2).sum(1).mean())
     x_p, y_p = data.x_passage.to(dt), data.y_passage.to(dt)
-    _, yhat_p = _encode(coder, x_p)
+    f_p, yhat_p = _encode(coder, x_p)
     mse_p = float((yhat_p - y_p).pow(2).sum(1).mean())
     skip_ratio = math.nan
     if coder.cfg.skip:
@@ -151,6 +154,8 @@ def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, 
     jac_h = jacobian_error(reference, coder, x_h[rows], n_probes, seed)
     jac_p = jacobian_error(reference, coder, x_p, passage_probes, seed + 1)
     mem = passage_features(coder, x_p, y_p, f_h, exclusive_rate)
+    specific = specific_features(coder, f_p, f_h, y_p, specific_ratio, passage_tokens)
+    parts = fit_parts(coder, x_p, y_p, yhat_p, x_h, y_h, yhat_h)
     det = detect_datapoint_features(coder, reference, data.x_detector.to(dt), data.detector_keys,
                                     detector or DatapointConfig())
     clean_cache = clean_cache if clean_cache is not None else {}
@@ -176,6 +181,7 @@ def measure_cell(coder: SparseCoder, reference: Fn, data: Any, *, adapter: Any, 
                                 "memorization_rel": s.memorization_rel} for s in det.flagged[:20]],
         "ce_clean": ce_h["clean"], "ce_spliced": ce_h["spliced"], "ce_increase": ce_h["increase"],
         "kl": ce_h["kl"], "passage_ce_clean": ce_p["clean"], "passage_ce_increase": ce_p["increase"],
+        **specific, **parts,
     }
 
 
