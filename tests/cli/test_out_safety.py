@@ -68,6 +68,8 @@ COMMANDS: dict[str, tuple[Argv, bool]] = {
                              "12", "--batch", "32", "--seeds", "1", "--extra-seeds", "0", "--scan-seeds", "1",
                              "--scan-repeat-fracs", "0.05", "--scan-sparsity-coefs", "0.2", "--val-samples", "400",
                              "--library-samples", "300"], False),
+    "toy multihop": (lambda out, fx: ["toy", "multihop", "--out", out, "--quick", "--quiet", "--steps", "20",
+                                      "--seeds", "1", "--batch", "16"], False),
     "train": (lambda out, fx: ["train", "--out", out, "--quiet", "--n-steps", "4", "--batch-size", "16", "--d-in", "8",
                                "--n-latents", "16", "--k", "2", "--log-every", "2"], False),
     "lm collect": (lambda out, fx: ["lm", "collect", "--out", out, *_small(fx)], False),
