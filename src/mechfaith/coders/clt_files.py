@@ -13,21 +13,18 @@ from typing import Any
 
 import torch
 
-from mechfaith.atomic import atomic_dir
 from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLTConfig
 from mechfaith.coders.files import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
     read_checked_weights,
     read_folder_meta,
     read_json,
     resolve_coder_folder,
-    write_tensors,
+    save_module_folder,
 )
-from mechfaith.configs import config_from_dict, config_to_dict
+from mechfaith.configs import config_from_dict
 from mechfaith.errors import CoderFileError, ConfigError
-from mechfaith.jsonio import write_json
 
 FORMAT = "mechfaith.clt"
 FORMAT_VERSION = 1
@@ -36,17 +33,7 @@ FORMAT_VERSION = 1
 def save_clt(clt: CrossLayerTranscoder, folder: str | os.PathLike[str],
              training: dict[str, Any] | None = None) -> Path:
     """Save a CLT into ``folder`` (replaced whole, atomically). Returns the folder."""
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        digest = write_tensors(tmp / WEIGHTS_NAME, dict(clt.state_dict()), metadata={"format": FORMAT})
-        write_json(tmp / CONFIG_NAME, {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": config_to_dict(clt.cfg),
-            "weights_sha256": digest,
-            "training": training or {},
-        })
-    return folder
+    return save_module_folder(dict(clt.state_dict()), clt.cfg, folder, FORMAT, FORMAT_VERSION, training)
 
 
 def folder_format(path: str | os.PathLike[str]) -> str | None:

@@ -94,20 +94,27 @@ def coder_state(coder: SparseCoder) -> dict[str, Tensor]:
     return {k: v for k, v in coder.state_dict().items()}
 
 
-def save_coder(coder: SparseCoder, folder: str | os.PathLike[str],
-               training: dict[str, Any] | None = None) -> Path:
-    """Save a coder into ``folder`` (replaced whole, atomically). Returns the folder."""
+def save_module_folder(tensors: dict[str, Tensor], config: Any, folder: str | os.PathLike[str], fmt: str,
+                       version: int, training: dict[str, Any] | None = None) -> Path:
+    """Write ``folder`` (replaced whole, atomically): ``weights.safetensors`` and ``config.json`` with
+    format ``fmt``, the dataclass ``config``, the weights' SHA-256 and the ``training`` summary."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        digest = write_tensors(tmp / WEIGHTS_NAME, coder_state(coder), metadata={"format": FORMAT})
+        digest = write_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": fmt})
         write_json(tmp / CONFIG_NAME, {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": config_to_dict(coder.cfg),
+            "format": fmt,
+            "format_version": version,
+            "config": config_to_dict(config),
             "weights_sha256": digest,
             "training": training or {},
         })
     return folder
+
+
+def save_coder(coder: SparseCoder, folder: str | os.PathLike[str],
+               training: dict[str, Any] | None = None) -> Path:
+    """Save a coder into ``folder`` (replaced whole, atomically). Returns the folder."""
+    return save_module_folder(coder_state(coder), coder.cfg, folder, FORMAT, FORMAT_VERSION, training)
 
 
 def resolve_coder_folder(path: str | os.PathLike[str]) -> Path:

@@ -32,18 +32,15 @@ from torch import Tensor
 
 from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.clt_losses import CLTTerms, Reference, clt_losses
 from mechfaith.training.config import TrainConfig
-from mechfaith.training.dead_latents import DeadLatentTracker
-from mechfaith.training.engine import EngineMember, PendingStep
-from mechfaith.training.optim import backward_step, make_adam, set_lr, tokens_since_fired
+from mechfaith.training.engine import PendingStep
+from mechfaith.training.module_trainer import ModuleTrainer
+from mechfaith.training.optim import backward_step, set_lr, tokens_since_fired
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
-from mechfaith.training.streams import BatchStream
-from mechfaith.training.trainer_state import load_trainer_state, params_finite, save_trainer_state
 
 
-class CLTTrainer(EngineMember):
+class CLTTrainer(ModuleTrainer):
     """Trains one :class:`CrossLayerTranscoder` in place (see the module docstring)."""
 
     def __init__(self, clt: CrossLayerTranscoder, cfg: TrainConfig,
@@ -58,44 +55,8 @@ class CLTTrainer(EngineMember):
             raise ConfigError(f"CLTTrainer: references must be {clt.n_layers} functions (one per layer)")
         if cfg.sparsity == "l0" and clt.cfg.activation != "jumprelu":
             raise ConfigError("the l0 penalty needs a JumpReLU CLT (activation = 'jumprelu')")
-        try:
-            self.device = torch.device(cfg.device)
-            torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"TrainConfig.device {cfg.device!r} is not usable: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        self.cfg = cfg
-        self.coder = clt.to(self.device)
-        self.coder.train()
+        self._setup(clt, cfg, log_path, checkpoint_dir, progress, desc, name, clt.n_layers * clt.n_latents)
         self.references = list(references) if references is not None else None
-        self.log_path = Path(log_path) if log_path is not None else None
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.progress, self.desc, self.name = progress, desc, name
-        self.param_names: dict[str, torch.nn.Parameter] = {
-            n: p for n, p in clt.named_parameters() if p.requires_grad}
-        self.params = list(self.param_names.values())
-        self.optimizer = make_adam(self.params, cfg)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.tracker = DeadLatentTracker(clt.n_layers * clt.n_latents, self.device)
-        self.step_count, self.tokens_seen, self.elapsed_s = 0, 0, 0.0
-        self.metrics_history: list[dict[str, Any]] = []
-        self.pending_stream_state: dict[str, Any] | None = None
-        self.sync: Any = None
-
-    @property
-    def n_steps(self) -> int:  # type: ignore[override]
-        return self.cfg.n_steps
-
-    @property
-    def log_every(self) -> int:  # type: ignore[override]
-        return self.cfg.log_every
-
-    @property
-    def checkpoint_every(self) -> int:  # type: ignore[override]
-        return self.cfg.checkpoint_every
-
-    def forget_dead_count(self) -> None:
-        """Kept for the checkpoint code (the CLT trainer counts dead latents at every step)."""
 
     # ------------------------------------------------------------------------------------ one step
     def _prepare(self, x: Any, y: Any, where: str) -> tuple[Tensor, Tensor | None]:
@@ -191,19 +152,6 @@ class CLTTrainer(EngineMember):
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
         return {"loss": f"{record['loss']:.4g}", "fve": f"{record['fve']:.3f}", "l0": f"{record['l0']:.1f}",
                 "dead": f"{record['dead_frac']:.2f}"}
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def params_finite(self) -> bool:
-        return params_finite(self)
-
-    def save_checkpoint(self, stream: BatchStream | None = None, folder: str | Path | None = None,
-                        elapsed_s: float | None = None) -> Path:
-        """Write a checkpoint (default folder: ``checkpoint_dir``); refuses non-finite weights."""
-        return save_trainer_state(self, stream, folder, elapsed_s)
-
-    def load_checkpoint(self, folder: str | Path | None = None, stream: BatchStream | None = None) -> ckpt.Checkpoint:
-        """Restore weights, Adam, counters, dead-latent tracker and RNGs from a checkpoint."""
-        return load_trainer_state(self, folder, stream)
 
 
 def train_clt(clt: CrossLayerTranscoder, cfg: TrainConfig, stream: Any, *,

@@ -37,15 +37,13 @@ from torch import Tensor
 from mechfaith.coders.coder import CoderOutput, SparseCoder
 from mechfaith.coders.penalties import jacobian_contribution_penalty, sparsity_penalty
 from mechfaith.errors import ConfigError, InputError
-from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.config import TrainConfig
-from mechfaith.training.dead_latents import DeadLatentTracker, auxk_loss
-from mechfaith.training.engine import EngineMember, PendingStep, TrainResult
+from mechfaith.training.dead_latents import auxk_loss
+from mechfaith.training.engine import PendingStep, TrainResult
 from mechfaith.training.jacobian_matching import jacobian_matching
-from mechfaith.training.optim import backward_step, make_adam, set_lr, tokens_since_fired
+from mechfaith.training.module_trainer import ModuleTrainer
+from mechfaith.training.optim import backward_step, set_lr, tokens_since_fired
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
-from mechfaith.training.streams import BatchStream
-from mechfaith.training.trainer_state import load_trainer_state, params_finite, save_trainer_state
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ class LossTerms:
     auxk: Tensor | None = None
 
 
-class Trainer(EngineMember):
+class Trainer(ModuleTrainer):
     """Trains one :class:`SparseCoder` in place.
 
     ``reference``: the function the coder replaces (e.g. the real MLP), ``[B, d_in] -> [B, d_out]``;
@@ -93,53 +91,14 @@ class Trainer(EngineMember):
             raise ConfigError("the l0 penalty needs a JumpReLU coder (activation = 'jumprelu')")
         if reference is not None and not callable(reference):
             raise ConfigError("Trainer: reference must be callable")
-        try:
-            self.device = torch.device(cfg.device)
-            torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"TrainConfig.device {cfg.device!r} is not usable: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        self.cfg = cfg
-        self.coder = coder.to(self.device)
-        self.coder.train()
+        self._setup(coder, cfg, log_path, checkpoint_dir, progress, desc, name, coder.n_latents)
         self.reference = reference
-        self.log_path = Path(log_path) if log_path is not None else None
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.progress = progress
-        self.desc = desc
-        self.name = name
-        self.param_names: dict[str, torch.nn.Parameter] = {
-            n: p for n, p in coder.named_parameters() if p.requires_grad}
-        self.params = list(self.param_names.values())
-        self.optimizer = make_adam(self.params, cfg)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.tracker = DeadLatentTracker(coder.n_latents, self.device)
-        self.step_count = 0  # optimiser steps done
-        self.tokens_seen = 0  # rows trained on
-        self.elapsed_s = 0.0  # training time of earlier fit() calls and resumed runs
-        self.metrics_history: list[dict[str, Any]] = []
-        self.pending_stream_state: dict[str, Any] | None = None  # from a checkpoint, for fit()
         self._n_dead: int | None = 0  # dead latents now (known without a sync); None = unknown
         self._unit = coder.cfg.decoder_norm == "unit"
-        # data-parallel hook (set by mechfaith.training.distributed.attach): averages gradients,
-        # fired latents and metrics over processes; None for one process
-        self.sync: Any = None
         if self._unit:
             coder.normalize_decoder_()
 
     # ------------------------------------------------------------------------------------ one step
-    @property
-    def n_steps(self) -> int:  # type: ignore[override]
-        return self.cfg.n_steps
-
-    @property
-    def log_every(self) -> int:  # type: ignore[override]
-        return self.cfg.log_every
-
-    @property
-    def checkpoint_every(self) -> int:  # type: ignore[override]
-        return self.cfg.checkpoint_every
-
     def _prepare(self, x: Tensor, y: Tensor | None, where: str) -> tuple[Tensor, Tensor | None]:
         coder = self.coder
         if not isinstance(x, Tensor):
@@ -297,25 +256,6 @@ class Trainer(EngineMember):
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
         return {"loss": f"{record['loss']:.4g}", "fve": f"{record['fve']:.3f}",
                 "l0": f"{record['l0']:.1f}", "dead": f"{record['dead_frac']:.2f}"}
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def params_finite(self) -> bool:
-        """Whether every parameter of the coder is finite (one host sync)."""
-        return params_finite(self)
-
-    def save_checkpoint(self, stream: BatchStream | None = None, folder: str | Path | None = None,
-                        elapsed_s: float | None = None) -> Path:
-        """Write a checkpoint (default folder: ``checkpoint_dir``); refuses non-finite weights."""
-        return save_trainer_state(self, stream, folder, elapsed_s)
-
-    def load_checkpoint(self, folder: str | Path | None = None,
-                        stream: BatchStream | None = None) -> ckpt.Checkpoint:
-        """Restore weights, Adam, counters, dead-latent tracker and RNGs from a checkpoint.
-
-        The stream's saved position goes into ``stream`` when given, else into
-        ``pending_stream_state`` (which :meth:`fit` applies to its stream).
-        """
-        return load_trainer_state(self, folder, stream)
 
 
 def _total_var(y: Tensor) -> Tensor:

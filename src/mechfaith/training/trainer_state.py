@@ -21,19 +21,18 @@ from mechfaith.training import checkpoint as ckpt
 from mechfaith.training.streams import BatchStream
 
 if TYPE_CHECKING:
-    from mechfaith.training.clt_trainer import CLTTrainer
-    from mechfaith.training.trainer import Trainer
+    from mechfaith.training.module_trainer import ModuleTrainer
 
 log = logging.getLogger(__name__)
 
 
-def params_finite(trainer: "Trainer | CLTTrainer") -> bool:
+def params_finite(trainer: "ModuleTrainer") -> bool:
     """Whether every parameter of the coder is finite (one host sync)."""
     flags = torch.stack([torch.isfinite(p).all() for p in trainer.coder.parameters()])
     return bool(flags.all())
 
 
-def save_trainer_state(trainer: "Trainer | CLTTrainer", stream: BatchStream | None = None, folder: str | Path | None = None,
+def save_trainer_state(trainer: "ModuleTrainer", stream: BatchStream | None = None, folder: str | Path | None = None,
                        elapsed_s: float | None = None) -> Path:
     """Write a checkpoint (default folder: the trainer's ``checkpoint_dir``); refuses non-finite weights."""
     folder = Path(folder) if folder is not None else trainer.checkpoint_dir
@@ -54,7 +53,7 @@ def save_trainer_state(trainer: "Trainer | CLTTrainer", stream: BatchStream | No
         elapsed_s=trainer.elapsed_s if elapsed_s is None else elapsed_s)
 
 
-def load_trainer_state(trainer: "Trainer | CLTTrainer", folder: str | Path | None = None,
+def load_trainer_state(trainer: "ModuleTrainer", folder: str | Path | None = None,
                        stream: BatchStream | None = None) -> ckpt.Checkpoint:
     """Restore weights, Adam, counters, dead-latent tracker and RNGs (see :meth:`Trainer.load_checkpoint`)."""
     folder = Path(folder) if folder is not None else trainer.checkpoint_dir
