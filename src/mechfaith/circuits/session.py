@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from mechfaith.circuits.replacement import TC_INPUT_SITES, Transcoder, clt_transcoders
-from mechfaith.coders.clt_files import is_clt_folder, load_clt, read_clt_meta
+from mechfaith.coders.clt_files import find_clt_folder, load_clt, read_clt_meta
 from mechfaith.coders.validate import check_fields
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.lm.coder_files import open_coder
@@ -95,22 +94,13 @@ def expand_coder_specs(specs: Sequence[str]) -> list[tuple[int | None, str]]:
     return out
 
 
-def _clt_folder(path: str) -> Path | None:
-    """The CLT folder at ``path`` (a CLT folder, or a run folder holding ``clt/``), else None."""
-    p = Path(path)
-    for folder in (p / "clt", p):
-        if folder.is_dir() and is_clt_folder(folder):
-            return folder
-    return None
-
-
 def load_transcoders(specs: Sequence[str]) -> tuple[dict[int, Transcoder], str | None]:
     """Transcoders from ``PATH``, ``LAYER=PATH`` or set-folder specs (:func:`expand_coder_specs`); also the
     model named in their metadata."""
     tcs: dict[int, Transcoder] = {}
     model_name = None
     for layer, path in expand_coder_specs(specs):
-        clt_folder = _clt_folder(path)
+        clt_folder = find_clt_folder(path)
         if clt_folder is not None:  # a cross-layer transcoder: one Transcoder per block layer
             if layer is not None:
                 raise ConfigError(f"{path} is a cross-layer transcoder (it names its layers): give it without {layer}=")

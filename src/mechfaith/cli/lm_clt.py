@@ -16,10 +16,9 @@ from mechfaith.training.config import TrainConfig
 
 def is_clt_run(path: str | Path) -> bool:
     """Whether ``path`` is a CLT run folder (holding ``clt/``) or a CLT folder."""
-    from mechfaith.coders.clt_files import is_clt_folder
+    from mechfaith.coders.clt_files import find_clt_folder
 
-    p = Path(path)
-    return is_clt_folder(p / "clt") if (p / "clt").is_dir() else (p.is_dir() and is_clt_folder(p))
+    return find_clt_folder(path) is not None
 
 
 def run_train_clt(args: argparse.Namespace, lm_cfg: LMConfig, corpus_cfg: CorpusConfig, coder_cfg: LMCoderConfig,

@@ -28,6 +28,7 @@ from mechfaith.errors import CoderFileError, ConfigError
 
 FORMAT = "mechfaith.clt"
 FORMAT_VERSION = 1
+RUN_DIR = "clt"  # the CLT folder in an ``lm train --clt`` run folder
 
 
 def save_clt(clt: CrossLayerTranscoder, folder: str | os.PathLike[str],
@@ -49,6 +50,16 @@ def folder_format(path: str | os.PathLike[str]) -> str | None:
 def is_clt_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a mechfaith CLT folder (or one of its two files)."""
     return folder_format(path) == FORMAT
+
+
+def find_clt_folder(path: str | os.PathLike[str]) -> Path | None:
+    """The CLT folder at ``path``: a CLT folder itself, or a run folder holding one as
+    :data:`RUN_DIR` (``lm train --clt``); None when there is none."""
+    p = Path(path)
+    for folder in (p / RUN_DIR, p):
+        if folder.is_dir() and is_clt_folder(folder):
+            return folder
+    return None
 
 
 def read_clt_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

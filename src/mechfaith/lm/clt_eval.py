@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechfaith.coders.clt import CrossLayerTranscoder
-from mechfaith.coders.clt_files import load_clt, read_clt_meta
+from mechfaith.coders.clt_files import RUN_DIR, load_clt, read_clt_meta
 from mechfaith.coders.validate import check_fields
 from mechfaith.configs import config_from_dict
 from mechfaith.errors import ConfigError
@@ -183,7 +183,7 @@ def evaluate_clt(path: str | Path, cfg: LMConfig | None = None, corpus_cfg: Corp
     """Evaluate the CLT folder (or run folder holding ``clt/``) at ``path``; write ``eval.json``
     (default: in the run folder)."""
     path = Path(path)
-    folder = path / "clt" if (path / "clt" / "config.json").is_file() else path
+    folder = path / RUN_DIR if (path / RUN_DIR / "config.json").is_file() else path
     meta = read_clt_meta(folder)
     training = meta.get("training") or {}
     check_fields(folder / "config.json", training, {"model": "str|null", "input_site": "str|null",
@@ -202,6 +202,6 @@ def evaluate_clt(path: str | Path, cfg: LMConfig | None = None, corpus_cfg: Corp
                              exclude_bos=cfg.exclude_bos, keep_bos=keep_bos, keep_massive=keep_massive,
                              progress=progress)
     result.model, result.eval_source, result.seconds = lm.name, source, round(time.perf_counter() - t0, 2)
-    target = Path(out) if out is not None else (folder.parent if folder.name == "clt" else folder) / CLT_EVAL_JSON
+    target = Path(out) if out is not None else (folder.parent if folder.name == RUN_DIR else folder) / CLT_EVAL_JSON
     write_json(target, result.to_json())
     return result

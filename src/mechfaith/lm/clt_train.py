@@ -39,7 +39,7 @@ from torch import Tensor
 from mechfaith.atomic import final_path
 from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLT_ACTIVATIONS, CLTConfig
-from mechfaith.coders.clt_files import save_clt
+from mechfaith.coders.clt_files import RUN_DIR, save_clt
 from mechfaith.coders.clt_init import init_clt_from_data
 from mechfaith.configs import config_to_dict
 from mechfaith.errors import ConfigError, TrainingDiverged
@@ -55,7 +55,7 @@ from mechfaith.training import distributed as ddp
 from mechfaith.training.clt_trainer import CLTTrainer
 from mechfaith.training.config import TrainConfig
 
-CLT_DIR = "clt"
+CLT_DIR = RUN_DIR
 METRICS_NAME = "metrics.jsonl"
 CLT_RUN_NAMES = (CLT_DIR, TRAIN_JSON, METRICS_NAME, CHECKPOINT_DIR, "eval.json")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mechfaith.coders.clt_files import is_clt_folder
+from mechfaith.coders.clt_files import RUN_DIR, is_clt_folder
 from mechfaith.coders.files import CONFIG_NAME, WEIGHTS_NAME, read_json
 from mechfaith.errors import CoderFileError, MechfaithError
 from mechfaith.lm.circuit_tracer import CT_CONFIG, LAYER_FILE, is_circuit_tracer_set
@@ -35,7 +35,6 @@ from mechfaith.lm.sparsify_format import SPARSIFY_WEIGHTS, is_sparsify_run
 
 SET_JSON = "set.json"  # mechfaith.lm.layer_set.SET_JSON (that module imports this one's users)
 RUN_CODER_DIR = "coder"  # mechfaith.lm.coder_files.CODER_DIR: a train run folder's coder
-RUN_CLT_DIR = "clt"  # mechfaith.lm.clt_train.CLT_DIR: an ``lm train --clt`` run folder's CLT
 
 FORMATS = {
     "mechfaith": f"mechfaith coder folder ({CONFIG_NAME} + {WEIGHTS_NAME}, or a run folder holding coder/)",
@@ -114,8 +113,8 @@ def _folder_format(folder: Path) -> Detected | None:
         return Detected("circuit-tracer", folder)
     if (folder / RUN_CODER_DIR).is_dir():
         return Detected("mechfaith", folder / RUN_CODER_DIR)
-    if (folder / RUN_CLT_DIR).is_dir() and is_clt_folder(folder / RUN_CLT_DIR):
-        return Detected("mechfaith-clt", folder / RUN_CLT_DIR)
+    if (folder / RUN_DIR).is_dir() and is_clt_folder(folder / RUN_DIR):
+        return Detected("mechfaith-clt", folder / RUN_DIR)
     return None
 
 
