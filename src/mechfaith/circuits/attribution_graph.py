@@ -180,10 +180,11 @@ def choose_logits(run: ReplacementRun, cfg: GraphConfig, pos: int, tokens: list[
                 raise ConfigError(f"token {t} is out of range: the vocabulary has {vocab} tokens")
         if minus >= 0 and len(tokens) != 1:
             raise ConfigError("a logit difference takes one token and one --minus token")
-        p = probs[torch.tensor(tokens)]
+        p = probs[torch.tensor(tokens, device=probs.device)].cpu()
         w = torch.ones(1, dtype=p.dtype) if minus >= 0 else p
         return LogitTargets(pos, list(tokens), p, w, minus)
     top_p, top_i = probs.topk(min(cfg.max_logits, vocab))
+    top_p = top_p.cpu()
     n = min(int(torch.searchsorted(top_p.cumsum(0), torch.tensor(cfg.logit_mass, dtype=top_p.dtype))) + 1,
             len(top_p))
     return LogitTargets(pos, [int(t) for t in top_i[:n]], top_p[:n], top_p[:n])
@@ -226,20 +227,21 @@ def build_attribution_graph(run: ReplacementRun, cfg: GraphConfig | None = None,
                           f"{need:.1f} GB (max_memory_gb {cfg.max_memory_gb:g}): lower max_feature_nodes "
                           f"(0 means all {A}) or raise max_memory_gb")
     attributor = Attributor(run)
-    store = torch.zeros(K + budget, S, dtype=run.resid.dtype)
-    row_node = torch.zeros(K + budget, dtype=torch.long)
+    dev = run.resid.device  # the rows are computed where the run is; the graph is returned on the CPU
+    store = torch.zeros(K + budget, S, dtype=run.resid.dtype, device=dev)
+    row_node = torch.zeros(K + budget, dtype=torch.long, device=dev)
     probes, logit_values = _logit_probes(run, logits)
     store[:K] = engine.rows(probes)
     direct = store[:K].abs()
     feature_share = (direct[:, :A].sum(-1) / direct.sum(-1).clamp_min(1e-30)).tolist()
-    row_node[:K] = torch.arange(S, S + K)
-    visited = torch.zeros(A, dtype=torch.bool)
-    start = torch.zeros(S + K, dtype=store.dtype)
-    start[S:] = logits.weights.to(store.dtype)
+    row_node[:K] = torch.arange(S, S + K, device=dev)
+    visited = torch.zeros(A, dtype=torch.bool, device=dev)
+    start = torch.zeros(S + K, dtype=store.dtype, device=dev)
+    start[S:] = logits.weights.to(dev, store.dtype)
     st = K
     while st - K < budget:
         if budget == A:
-            pending = torch.arange(A)
+            pending = torch.arange(A, device=dev)
         else:
             infl = propagate(normalize_rows(store[:st]), row_node[:st], start, S + K)[:A]
             rank = torch.argsort(infl, descending=True)
@@ -258,12 +260,13 @@ def build_attribution_graph(run: ReplacementRun, cfg: GraphConfig | None = None,
     selected = visited.nonzero(as_tuple=True)[0]  # in (layer, pos, index) order
     order = torch.argsort(row_node[K:st])  # feature rows in node order
     rows = torch.cat([store[K:st][order], store[:K]])
-    cols = torch.cat([selected, torch.arange(A, S)])
+    cols = torch.cat([selected, torch.arange(A, S, device=dev)])
     coords = active.coords[selected]
     pre = torch.stack([run.transcoders[int(l)].pre[int(q), int(i)] for l, q, i in coords]) if len(coords) \
-        else torch.zeros(0, dtype=store.dtype)
+        else torch.zeros(0, dtype=store.dtype, device=dev)
     return AttributionGraph(
         tokens=[int(t) for t in run.tokens], token_strings=run.token_strings, n_layers=run.n_layers,
-        features=coords, activations=active.values[selected], logits=logits, edges=rows[:, cols].contiguous(),
-        values=torch.cat([pre.to(store.dtype), logit_values]), n_active=A, config=cfg,
+        features=coords.cpu(), activations=active.values[selected].cpu(), logits=logits,
+        edges=rows[:, cols].contiguous().cpu(), values=torch.cat([pre.to(store.dtype), logit_values.to(dev)]).cpu(),
+        n_active=A, config=cfg,
         feature_share=feature_share, seconds=time.perf_counter() - t0)

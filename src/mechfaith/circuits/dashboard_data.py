@@ -108,7 +108,9 @@ def feature_summary(acts: Tensor, ids: Tensor, token_str: Callable[[int], str], 
 def feature_dashboards(model: Any, transcoders: Mapping[int, Transcoder], contexts: Tensor,
                        features: Sequence[tuple[int, int]], token_str: Callable[[int], str], *,
                        k: int = 10, per_band: int = 5, batch_contexts: int = 8) -> list[dict[str, Any]]:
-    """Dashboard data for each ``(layer, index)`` in ``features``."""
+    """Dashboard data for each ``(layer, index)`` in ``features`` (none: an empty list)."""
+    if not features:  # a pruned graph may keep no feature of positive influence
+        return []
     parts = model_parts(model)
     by_layer: dict[int, list[int]] = {}
     for layer, idx in features:

@@ -56,6 +56,7 @@ class ActiveFeatures:
 def active_features(run: ReplacementRun) -> ActiveFeatures:
     """Every nonzero feature activation of the run, with per-layer padded tables."""
     coords, values = [], []
+    dev = run.resid.device
     for l in sorted(run.transcoders):
         f = run.transcoders[l].f
         pos, idx = torch.nonzero(f, as_tuple=True)  # row-major: by position, then index
@@ -65,8 +66,8 @@ def active_features(run: ReplacementRun) -> ActiveFeatures:
         all_coords = torch.cat(coords).long()
         all_values = torch.cat(values)
     else:
-        all_coords = torch.zeros(0, 3, dtype=torch.long)
-        all_values = torch.zeros(0, dtype=run.resid.dtype)
+        all_coords = torch.zeros(0, 3, dtype=torch.long, device=dev)
+        all_values = torch.zeros(0, dtype=run.resid.dtype, device=dev)
     A = int(all_coords.shape[0])
     dummy = A + run.n_layers * run.seq_len + run.seq_len
     pad_index, pad_value, pad_column = {}, {}, {}
@@ -80,19 +81,19 @@ def active_features(run: ReplacementRun) -> ActiveFeatures:
         counts = torch.bincount(pos, minlength=run.seq_len)
         kmax = max(1, int(counts.max()))
         slot = torch.arange(n, device=pos.device) - torch.cumsum(counts, 0)[pos] + counts[pos]
-        table_i = torch.zeros(run.seq_len, kmax, dtype=torch.long)
-        table_v = torch.zeros(run.seq_len, kmax, dtype=all_values.dtype)
-        table_c = torch.full((run.seq_len, kmax), dummy, dtype=torch.long)
+        table_i = torch.zeros(run.seq_len, kmax, dtype=torch.long, device=dev)
+        table_v = torch.zeros(run.seq_len, kmax, dtype=all_values.dtype, device=dev)
+        table_c = torch.full((run.seq_len, kmax), dummy, dtype=torch.long, device=dev)
         table_i[pos, slot] = block[:, 2]
         table_v[pos, slot] = all_values[start:start + n]
-        table_c[pos, slot] = torch.arange(start, start + n)
+        table_c[pos, slot] = torch.arange(start, start + n, device=dev)
         pad_index[l], pad_value[l], pad_column[l] = table_i, table_v, table_c
         start += n
     for l in run.transcoders:  # layers with no active feature on the prompt
         if l not in pad_index:
-            pad_index[l] = torch.zeros(run.seq_len, 1, dtype=torch.long)
-            pad_value[l] = torch.zeros(run.seq_len, 1, dtype=all_values.dtype)
-            pad_column[l] = torch.full((run.seq_len, 1), dummy, dtype=torch.long)
+            pad_index[l] = torch.zeros(run.seq_len, 1, dtype=torch.long, device=dev)
+            pad_value[l] = torch.zeros(run.seq_len, 1, dtype=all_values.dtype, device=dev)
+            pad_column[l] = torch.full((run.seq_len, 1), dummy, dtype=torch.long, device=dev)
     return ActiveFeatures(all_coords, all_values, pad_index, pad_value, pad_column)
 
 
@@ -115,15 +116,15 @@ class RowEngine:
     def rows(self, probes: list[Probe]) -> Tensor:
         """``[len(probes), n_sources]``: the direct effect of every source on each probe's value."""
         run, parts = self.run, self.parts
-        dt = run.resid.dtype
+        dt, dev = run.resid.dtype, run.resid.device
         B = len(probes)
-        stream = torch.tensor([p.stream for p in probes])
-        pos = torch.tensor([p.pos for p in probes])
-        vecs = torch.stack([p.vector for p in probes]).to(dt)  # [B, d]
+        stream = torch.tensor([p.stream for p in probes], device=dev)
+        pos = torch.tensor([p.pos for p in probes], device=dev)
+        vecs = torch.stack([p.vector for p in probes]).to(dev, dt)  # [B, d]
         P = int(pos.max()) + 1
         top = int(stream.max())
-        G = torch.zeros(B, P, parts.d_model, dtype=dt)
-        out = torch.zeros(B, self.n_sources + 1, dtype=dt)
+        G = torch.zeros(B, P, parts.d_model, dtype=dt, device=dev)
+        out = torch.zeros(B, self.n_sources + 1, dtype=dt, device=dev)
         pending: dict[int, Tensor] = {}
         A = self.active.count
         for s in range(top, -1, -1):

@@ -109,6 +109,8 @@ def _dashboards(args: argparse.Namespace, session: Any, graph: Any, pruned: Any,
     infl = graph.influence()[:F] * pruned.node_mask[:F]
     top = [int(j) for j in torch.argsort(infl, descending=True)[:n] if infl[j] > 0]
     feats = sorted({(int(graph.features[j, 0]), int(graph.features[j, 2])) for j in top})
+    if not feats:  # no kept feature of positive influence
+        return {}
     contexts, where = eval_contexts(session.lm, CorpusConfig(source=args.corpus_source), args.dashboard_contexts)
     ds = feature_dashboards(session.lm.model, session.transcoders, contexts, feats, session.token_str)
     write_dashboards(ds, folder / "dashboards", title=f"Features of {session.lm.name} ({where})")

@@ -42,7 +42,7 @@ def init_skip_lstsq(coder: SparseCoder, x: Tensor, y: Tensor, ridge: float = 1e-
     xc, yc = x64 - mx, y64 - my
     gram = xc.T @ xc
     scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)  # (constant rows: a zero Gram matrix)
-    gram += ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram += ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     try:
         w = torch.linalg.solve(gram, xc.T @ yc)  # [d_in, d_out]
     except torch.linalg.LinAlgError:
@@ -103,6 +103,8 @@ def init_from_data(coder: SparseCoder, x: Tensor, y: Tensor, *, skip_init: str =
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ConfigError(f"init_from_data needs the same non-zero number of x and y rows, got "
                           f"{x.shape[0]} and {y.shape[0]}")
+    device = coder.W_enc.device  # rows collected on a GPU may initialise a coder still on the CPU
+    x, y = x.to(device), y.to(device)
     skip_fve = None
     if coder.cfg.skip and skip_init == "lstsq":
         skip_fve = init_skip_lstsq(coder, x[:FIT_ROWS], y[:FIT_ROWS], ridge)

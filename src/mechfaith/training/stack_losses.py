@@ -84,7 +84,7 @@ def stack_losses(stack: CoderStack, x: Tensor, settings: StackSettings, referenc
         mse = (y_hat - y).pow(2).sum(-1).mean(-1)  # [K]
         zero = torch.zeros_like(mse)
         l1 = (sums * stack.decoder_norms()).sum(-1) / x.shape[0] if bool((settings.lam_l1 > 0).any()) else zero
-        lam_l1 = settings.lam_l1.to(mse.dtype)
+        lam_l1 = settings.lam_l1.to(mse.device, mse.dtype)  # settings stay on the CPU
         sparsity = sparsity_scale * (lam_l1 * l1)
         return StackTerms(mse=mse, tanh_l1=zero, l1=l1, jacobian=zero, jacobian_ref_sq=zero, jac_contrib=zero,
                           sparsity=sparsity, total=mse + sparsity, fired=fired, target=y)
@@ -125,7 +125,7 @@ def stack_losses(stack: CoderStack, x: Tensor, settings: StackSettings, referenc
             per_ref.append(ref_jv.pow(2).sum(-1).mean(-1))
         jac = zero.index_put((idx,), torch.stack(per_probe).mean(0))
         ref_sq = zero.index_put((idx,), torch.stack(per_ref).mean(0))
-    h = {k: getattr(settings, k).to(mse.dtype) for k in ("lam_tanh", "lam_l1", "jacobian", "jac_contrib")}
+    h = {k: getattr(settings, k).to(mse.device, mse.dtype) for k in ("lam_tanh", "lam_l1", "jacobian", "jac_contrib")}
     sparsity = sparsity_scale * (h["lam_tanh"] * tanh + h["lam_l1"] * l1)
     total = mse + sparsity + h["jacobian"] * jac + h["jac_contrib"] * jcp
     return StackTerms(mse=mse, tanh_l1=tanh, l1=l1, jacobian=jac, jacobian_ref_sq=ref_sq, jac_contrib=jcp,

@@ -263,7 +263,8 @@ def resample_dead_(stack: CoderStack, opt: torch.optim.Optimizer, dead: Tensor, 
     for g in torch.nonzero(counts).flatten().tolist():
         idx = torch.nonzero(dead[g]).flatten()
         weights = err[g] + 1e-12
-        pick = torch.multinomial(weights, idx.numel(), replacement=True, generator=gen)
+        # drawn on the generator's device (the CPU), so a run draws the same rows on every device
+        pick = torch.multinomial(weights.to(gen.device), idx.numel(), replacement=True, generator=gen).to(x.device)
         xs, rs = x[g, pick], residual[g, pick]  # [k, d]
         enc = xs / xs.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale[g]
         dec = rs / rs.norm(dim=1, keepdim=True).clamp_min(1e-12)
