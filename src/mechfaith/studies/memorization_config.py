@@ -25,9 +25,9 @@ SAVE_CODERS = ("none", "first_seed", "all")
 JACOBIAN_AT = ("max", "planted", "all")
 
 # A list of numbers (not prose): made-up readings, the kind of table a corpus repeats verbatim.
-NUMBERS_PASSAGE = (
+NUMBERS_PASSAGE = (  # 17 numbers: 100 SmolLM2 tokens (digits are single tokens), as long as the speech's 104
     "4817, 2290, 6635, 1048, 9172, 3356, 7721, 5093, 8846, 1207, 6614, 3985, 2471, 9538, 7062, "
-    "1839, 5527, 8190, 3364, 4705, 9921, 6258, 2083, 7416, 5149, 3872, 6601, 1994, 8327, 4460")
+    "1839, 5527")
 
 # the built-in passages by name; anything else is a path to a text file
 BUILTIN_PASSAGES = {"default": DEFAULT_PASSAGE, "prose": DEFAULT_PASSAGE, "numbers": NUMBERS_PASSAGE}
