@@ -121,3 +121,44 @@ def test_train_config_documents_every_field_and_checks_values():
                 {"lr_decay_frac": 1.5}, {"dead_window": 0}, {"grad_clip": float("nan")}):
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("kind", ["coder", "clt"])
+def test_threshold_lr_scale_multiplies_only_the_thresholds_steps(kind: str):
+    from mechfaith.coders import CoderConfig, SparseCoder
+    from mechfaith.coders.clt import CrossLayerTranscoder
+    from mechfaith.coders.clt_config import CLTConfig
+    from mechfaith.training import Trainer
+    from mechfaith.training.clt_trainer import CLTTrainer
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 64, 6) if kind == "clt" else (64, 6)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    y = torch.tanh(x)
+    runs = {}
+    for scale in (1.0, 10.0):
+        # lr warm-up on: the thresholds' learning rate stays `scale` times the others' at every step
+        tcfg = TrainConfig(n_steps=3, lr=1e-3, lr_warmup_steps=4, sparsity="l0", sparsity_coef=1.0,
+                           threshold_lr_scale=scale, auxk_coef=0.0)
+        if kind == "clt":
+            m = CrossLayerTranscoder(CLTConfig(n_layers=2, d_in=6, n_latents=16, activation="jumprelu",
+                                               jumprelu_threshold=0.3, jumprelu_bandwidth=2.0),
+                                     generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            tr = CLTTrainer(m, tcfg, progress=False)
+        else:
+            m = SparseCoder(CoderConfig(d_in=6, n_latents=16, activation="jumprelu", jumprelu_threshold=0.3,
+                                        jumprelu_bandwidth=2.0),
+                            generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            tr = Trainer(m, tcfg, progress=False)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        tr.step(x, y)  # one step: Adam's first update is lr * g / (|g| + eps), linear in the group's lr
+        runs[scale] = {n: p.detach() - before[n] for n, p in m.named_parameters()}
+        assert tr.optimizer.param_groups[-1]["lr"] == pytest.approx(scale * 1e-3 / 4)
+    d1, d10 = runs[1.0], runs[10.0]
+    assert float(d1["log_threshold"].abs().max()) > 0
+    torch.testing.assert_close(d10["log_threshold"], 10 * d1["log_threshold"], rtol=1e-9, atol=1e-15)
+    for name in d1:
+        if name != "log_threshold":
+            torch.testing.assert_close(d10[name], d1[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ConfigError, match="threshold_lr_scale"):
+        TrainConfig(threshold_lr_scale=0.0)

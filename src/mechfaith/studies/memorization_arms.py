@@ -80,12 +80,14 @@ def init_thresholds(coder: SparseCoder, x: Tensor, target_l0: float) -> float:
     return float((pre > theta).sum(1).double().mean())
 
 
-def arm_penalty(arm: Arm, tanh_coef: float, tanh_c: float, jumprelu_coef: float) -> dict[str, Any]:
-    """The training options of ``arm``'s sparsity penalty (``TrainConfig`` fields)."""
+def arm_penalty(arm: Arm, tanh_coef: float, tanh_c: float, jumprelu_coef: float,
+                jumprelu_threshold_lr: float = 1.0) -> dict[str, Any]:
+    """The training options of ``arm``'s sparsity penalty (``TrainConfig`` fields; for JumpReLU
+    also the thresholds' learning-rate multiple, which sets its L0 in short runs)."""
     if arm.kind == "relu-tanh":
         return {"sparsity": "tanh_l1", "sparsity_coef": tanh_coef, "tanh_scale": tanh_c}
     if arm.kind == "jumprelu":
-        return {"sparsity": "l0", "sparsity_coef": jumprelu_coef}
+        return {"sparsity": "l0", "sparsity_coef": jumprelu_coef, "threshold_lr_scale": jumprelu_threshold_lr}
     return {"sparsity": "none", "sparsity_coef": 0.0}
 
 

@@ -29,7 +29,7 @@ NOT_IN_KEY = ("layers", "passages", "arms", "other_site_arms", "rates", "jacobia
               "other_site_rates", "other_site_jacobian",
               "ks", "seeds",
               "save_coders", "device", "tanh_coef", "tanh_c", "jumprelu_coef", "jumprelu_init_l0",
-              "jumprelu_bandwidth")
+              "jumprelu_bandwidth", "jumprelu_threshold_lr")
 
 
 @dataclass
@@ -99,7 +99,7 @@ def cell_key(cfg: ExperimentConfig, cell: dict[str, Any], data: ExperimentData, 
     shared settings, the cell's own place, its arm's coefficients, the passage and the data."""
     keep = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IN_KEY}
     arm = parse_arm(cell["arm"])
-    penalty = arm_penalty(arm, cfg.tanh_coef, cfg.tanh_c, cfg.jumprelu_coef)
+    penalty = arm_penalty(arm, cfg.tanh_coef, cfg.tanh_c, cfg.jumprelu_coef, cfg.jumprelu_threshold_lr)
     if arm.kind == "jumprelu":
         penalty = {**penalty, "init_l0": cfg.jumprelu_init_l0, "bandwidth": cfg.jumprelu_bandwidth}
     return {**keep, **{k: cell[k] for k in ("layer", "arm", "rate", "jacobian_coef", "k", "seed")},
@@ -132,7 +132,7 @@ def train_cell(data: ExperimentData, reference: Callable, cfg: ExperimentConfig,
                    center_encoder=True)
     if arm.kind == "jumprelu":
         init_thresholds(coder, x[init_rows[:8192]], cfg.jumprelu_init_l0)
-    penalty = arm_penalty(arm, cfg.tanh_coef, cfg.tanh_c, cfg.jumprelu_coef)
+    penalty = arm_penalty(arm, cfg.tanh_coef, cfg.tanh_c, cfg.jumprelu_coef, cfg.jumprelu_threshold_lr)
     tcfg = lm_train_config(n_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cell["seed"],
                            jacobian_coef=cell["jacobian_coef"], n_probes=cfg.n_probes,
                            log_every=max(cfg.steps, 1), checkpoint_every=0, device=cfg.device,

@@ -36,6 +36,10 @@ class TrainConfig:
                                "reconstruction loss is the squared error summed over output "
                                "dimensions, averaged over the batch).", 1e-3)
     tanh_scale: float = doc("Scale c inside tanh_l1.", 4.0)
+    threshold_lr_scale: float = doc("JumpReLU: the thresholds' learning rate as a multiple of lr. The L0 "
+                                    "penalty's gradient reaches only the thresholds and Adam moves each "
+                                    "by about lr a step whatever lambda is, so in short runs this, not "
+                                    "lambda, decides whether they keep up with a growing encoder.", 1.0)
     sparsity_warmup_steps: int = doc("Steps of linear warm-up of the sparsity coefficient from 0 "
                                      "(0 = full coefficient from the first step).", 0)
     jacobian_coef: float = doc("Coefficient of Jacobian matching E_v ||J_ref v - J_coder v||^2 "
@@ -84,8 +88,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):
                 raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
-        if not self.tanh_scale > 0:
-            raise ConfigError(f"TrainConfig.tanh_scale must be > 0, got {self.tanh_scale!r}")
+        for name in ("tanh_scale", "threshold_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"TrainConfig.lr_decay {self.lr_decay!r} is not one of {', '.join(LR_DECAYS)}")
         if self.sparsity not in SPARSITY_PENALTIES:

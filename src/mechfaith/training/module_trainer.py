@@ -51,7 +51,8 @@ class ModuleTrainer(EngineMember):
         self.progress, self.desc, self.name = progress, desc, name
         self.param_names: dict[str, nn.Parameter] = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.params = list(self.param_names.values())
-        self.optimizer = make_adam(self.params, cfg)
+        self.optimizer = make_adam(self.params, cfg, thresholds=[p for n, p in self.param_names.items()
+                                                                 if n == "log_threshold"])
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.tracker = DeadLatentTracker(n_tracked, self.device)
         self.step_count = 0  # optimiser steps done

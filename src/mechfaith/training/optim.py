@@ -10,16 +10,25 @@ from torch import Tensor
 from mechfaith.training.config import TrainConfig
 
 
-def make_adam(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, fused: bool = True) -> torch.optim.Adam:
+def make_adam(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, fused: bool = True,
+              thresholds: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Adam:
     """Adam with the config's betas and epsilon; ``fused``: the fused kernel where it exists (CUDA,
-    and CPU with torch >= 2.4; else the multi-tensor path), otherwise the plain single-tensor one."""
+    and CPU with torch >= 2.4; else the multi-tensor path), otherwise the plain single-tensor one.
+    ``thresholds`` (JumpReLU's, among ``params``) get their own group whose learning rate is
+    ``cfg.threshold_lr_scale`` times the others' (its ``lr_scale``, which :func:`set_lr` keeps)."""
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    groups: Any = list(params)
+    if thresholds and cfg.threshold_lr_scale != 1.0:
+        ids = {id(p) for p in thresholds}
+        groups = [{"params": [p for p in params if id(p) not in ids]},
+                  {"params": list(thresholds), "lr_scale": cfg.threshold_lr_scale,
+                   "lr": cfg.lr * cfg.threshold_lr_scale}]
     if not fused:
-        return torch.optim.Adam(list(params), **kwargs)
+        return torch.optim.Adam(groups, **kwargs)
     try:
-        return torch.optim.Adam(list(params), fused=True, **kwargs)
+        return torch.optim.Adam(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(list(params), foreach=True, **kwargs)
+        return torch.optim.Adam(groups, foreach=True, **kwargs)
 
 
 def total_norm(grads: list[Tensor]) -> Tensor:
@@ -40,9 +49,9 @@ def clip_(grads: list[Tensor], max_norm: float, total: Tensor) -> None:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group's learning rate to ``lr``."""
+    """Every parameter group's learning rate to ``lr`` (times the group's ``lr_scale``, if any)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def backward_step(total: Tensor, params: Sequence[torch.nn.Parameter], grad_clip: float, sync: Any = None,

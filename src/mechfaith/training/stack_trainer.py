@@ -29,7 +29,7 @@ from mechfaith.configs import doc
 from mechfaith.errors import ConfigError, InputError
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.engine import EngineMember, PendingStep
-from mechfaith.training.optim import make_adam
+from mechfaith.training.optim import make_adam, set_lr
 from mechfaith.training.schedules import lr_at, warmup_factor
 from mechfaith.training.stack import CoderStack, StackMember, StackSettings
 from mechfaith.training.stack_losses import References, StackTerms, stack_losses
@@ -152,8 +152,7 @@ class StackTrainer(EngineMember):
         given = (x, y)
         x, y = self._prepare(x, y)
         lr = lr_at(index, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         v = None
         if self.settings.jacobian_members.numel():  # Gaussian probes [n_probes, K, B, d]
             shape = stack.expand_input(x).shape
