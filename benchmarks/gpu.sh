@@ -97,7 +97,7 @@ if [ "$SMOKE" = 1 ]; then
     LM="${MODEL:-gpt2-random}"
     LM_SIZE="--layers 0-1 --train-tokens 2048 --n-steps 5"
 fi
-check cuda_tests "${LIMIT_TESTS:-90}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/training/test_cuda.py \
+check cuda_tests "${LIMIT_TESTS:-90}" "$PYTHON" -m pytest -p no:cacheprovider tests/training/test_cuda.py \
     tests/training/test_training.py -k cuda
 check lm_pipeline "${LIMIT_LM:-300}" bash -c "set -e
     '$PYTHON' -m mechfaith lm train --model '$LM' $LM_SIZE --device $DEVICE --batch-contexts 16 \
