@@ -42,7 +42,16 @@ CASES = {
     # TopK transcoder with a given target
     "topk": (CoderConfig(d_in=D, n_latents=N, activation="topk", k=3),
              dict(sparsity="none")),
+    # ReLU transcoder with Jacobian matching (2 probes a row): the ranks draw the global batch's probes
+    "jm": (CoderConfig(d_in=D, n_latents=N, activation="relu"),
+           dict(sparsity="l1", sparsity_coef=1e-2, jacobian_coef=0.5, n_probes=2)),
 }
+_REF_W = torch.randn(D, D, generator=torch.Generator().manual_seed(9)) / D ** 0.5
+
+
+def _reference(case: str):
+    """The Jacobian-matching case's reference function (None for the others)."""
+    return (lambda x: torch.tanh(x @ _REF_W.to(x.dtype))) if case == "jm" else None
 
 
 def _cfg(extra: dict, n_steps: int, **kw) -> TrainConfig:
@@ -66,7 +75,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         for case, (ccfg, extra) in CASES.items():
             # different initial weights per rank: attach() must broadcast rank 0's
             coder = build_coder(ccfg, seed=100 + rank)
-            trainer = ddp.attach(Trainer(coder, _cfg(extra, 5), log_path=root / case / "log.jsonl",
+            trainer = ddp.attach(Trainer(coder, _cfg(extra, 5), _reference(case), log_path=root / case / "log.jsonl",
                                          progress=False), ctx)
             res = ddp.fit(trainer, _stream(case, 5), ctx)
             assert res.ok and res.tokens_seen == 5 * B
@@ -119,7 +128,7 @@ def _free_port() -> int:
 def _single(case: str, n_steps: int) -> dict[str, torch.Tensor]:
     ccfg, extra = CASES[case]
     coder = build_coder(ccfg, seed=100 if n_steps == 5 else 7)
-    Trainer(coder, _cfg(extra, n_steps), progress=False).fit(_stream(case, n_steps))
+    Trainer(coder, _cfg(extra, n_steps), _reference(case), progress=False).fit(_stream(case, n_steps))
     return coder.state_dict()
 
 
@@ -127,7 +136,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path: Path):
     for case in [*CASES, "resume", "clt"]:
         (tmp_path / case).mkdir()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for case, n_steps in (("relu_l1", 5), ("topk", 5), ("resume", 6)):
+    for case, n_steps in (("relu_l1", 5), ("topk", 5), ("jm", 5), ("resume", 6)):
         ref = _single("relu_l1" if case == "resume" else case, n_steps)
         w0 = load_file(str(tmp_path / case / "rank0.safetensors"))
         w1 = load_file(str(tmp_path / case / "rank1.safetensors"))

@@ -35,6 +35,7 @@ from mechfaith.errors import ConfigError, InputError
 from mechfaith.training.clt_losses import CLTTerms, Reference, clt_losses
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.engine import PendingStep
+from mechfaith.training.jacobian_matching import global_probes
 from mechfaith.training.module_trainer import ModuleTrainer
 from mechfaith.training.optim import backward_step, set_lr, tokens_since_fired
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
@@ -90,10 +91,7 @@ class CLTTrainer(ModuleTrainer):
             # probes of the global batch, this rank's rows taken: data-parallel ranks see the probes
             # one process would (the same weights, not merely a valid estimate)
             rank, world = (self.sync.rank, self.sync.world_size) if self.sync is not None else (0, 1)
-            L, rows, d = x.shape
-            shape = (L, rows * world, d) if cfg.n_probes == 1 else (cfg.n_probes, L, rows * world, d)
-            v = torch.randn(shape, generator=self.generator, dtype=x.dtype, device=x.device)
-            v = v.narrow(-2, rank * rows, rows)
+            v = global_probes(x, cfg.n_probes, self.generator, rank, world, row_dim=1)
         return clt_losses(self.coder, x, y, sparsity=cfg.sparsity, sparsity_coef=coef, tanh_scale=cfg.tanh_scale,
                           jacobian_coef=cfg.jacobian_coef, references=self.references, v=v)
 

@@ -17,7 +17,9 @@ Every process (rank) holds the whole coder and its own Adam; per step:
 Since the reconstruction and sparsity terms are means over the batch, averaging the per-rank
 gradients of equal-sized slices gives exactly the gradient of the global batch: N processes with
 global batch B train the same weights as one process with batch B (up to float rounding; a test
-checks 2 processes against 1). Exceptions: BatchTopK picks its top ``k * batch`` per rank slice (its
+checks 2 processes against 1). Jacobian matching too: each rank draws the global batch's probes
+(as one process would) and keeps its rows' (:func:`~mechfaith.training.jacobian_matching.global_probes`).
+Exceptions: BatchTopK picks its top ``k * batch`` per rank slice (its
 inference threshold is averaged over ranks after each step) and the AuxK loss normalises by the
 rank's own residual variance; both are still valid data-parallel training, not bit-equal to one
 process.

@@ -32,6 +32,20 @@ def sample_probes(x: Tensor, n_probes: int, generator: torch.Generator | None = 
     return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
+def global_probes(x: Tensor, n_probes: int, generator: torch.Generator | None, rank: int, world: int,
+                  row_dim: int = 0) -> Tensor:
+    """This data-parallel rank's probes: the draw one process makes for the global batch (``world``
+    ranks' rows of ``x`` concatenated along ``row_dim``), narrowed to rank ``rank``'s rows, so that N
+    ranks train with the probes one process would ([n_probes, *x.shape], or x's shape for one)."""
+    shape = list(x.shape)
+    rows = shape[row_dim]
+    shape[row_dim] = rows * world
+    if n_probes > 1:
+        shape, row_dim = [n_probes, *shape], row_dim + 1
+    v = torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
+    return v.narrow(row_dim, rank * rows, rows)
+
+
 def reference_jvp_one(reference: Reference, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """``(reference(x), J_ref(x) v)`` for one probe ``v`` shaped like ``x`` (any leading shape, e.g.
     a stack's [K, batch, d]), with no autograd graph: no gradient reaches the reference."""

@@ -40,7 +40,7 @@ from mechfaith.errors import ConfigError, InputError
 from mechfaith.training.config import TrainConfig
 from mechfaith.training.dead_latents import auxk_loss
 from mechfaith.training.engine import PendingStep, TrainResult
-from mechfaith.training.jacobian_matching import jacobian_matching
+from mechfaith.training.jacobian_matching import global_probes, jacobian_matching
 from mechfaith.training.module_trainer import ModuleTrainer
 from mechfaith.training.optim import backward_step, set_lr, tokens_since_fired
 from mechfaith.training.schedules import lr_at, sparsity_coef_at
@@ -158,7 +158,11 @@ class Trainer(ModuleTrainer):
         jm = None
         if cfg.jacobian_coef > 0:
             assert self.reference is not None
-            jm = jacobian_matching(coder, self.reference, x, cfg.n_probes, self.generator)
+            # under data parallelism, the global batch's probes (as one process draws them), this
+            # rank's rows taken, so N ranks train the weights one process does
+            v = None if self.sync is None else global_probes(x, cfg.n_probes, self.generator, self.sync.rank,
+                                                             self.sync.world_size)
+            jm = jacobian_matching(coder, self.reference, x, cfg.n_probes, self.generator, v=v)
             out = jm.out  # one forward pass serves both terms
             if y is None:
                 y = x if coder.cfg.kind == "sae" else self._check_reference_output(jm.ref_y, x)
