@@ -9,16 +9,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from mechfaith.circuits.attribution import Attributor
 from mechfaith.circuits.attribution_graph import GraphConfig, build_attribution_graph
+from mechfaith.circuits.graph import build_graph, check_completeness
 from mechfaith.circuits.interventions import Intervention, run_frozen, run_live
+from mechfaith.circuits.nodes import Node
 from mechfaith.circuits.replacement import Transcoder, clt_transcoders, record_run
+from mechfaith.circuits.search import SearchConfig, search_paths
 from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLTConfig
-from mechfaith.errors import ConfigError
 from tests.circuits.test_attribution_graph import count_bad_edges
 from tests.circuits.test_circuits_attribution import N_LAYERS, make_setup
 
@@ -66,8 +70,48 @@ def test_worlds_reproduce_the_model_with_a_clt(setup):
     l, p, i = (int(v) for v in g.features[0])
     live = run_live(lm.model, run, [Intervention(l, i, p)])
     assert not torch.allclose(live.logits, run.logits, atol=1e-9)
-    with pytest.raises(ConfigError, match="cross-layer"):  # greedy paths: not yet
-        Attributor(run).children([Attributor(run).logit_probe(run.seq_len - 1, 3)])
+
+
+@pytest.mark.parametrize("family,activation", [("gpt2", "relu"), ("llama", "jumprelu")])
+def test_greedy_paths_of_a_clt_equal_the_graphs_edges_and_are_complete(family: str, activation: str):
+    """``mechfaith circuit`` on a CLT. With the attention's output projections and the skips zeroed (a
+    graph edge, a direct effect through frozen attention and skips, is then the residual-stream write
+    alone, which is what a greedy child's attribution is), each feature
+    child's attribution equals the graph's edge (verified by intervention above); every expanded node's
+    children + error + bias + pruned sum to its value; layer-0 features reach a layer-2 root through
+    their cross writes."""
+    lm, _, ids = make_setup(family, ("mlp_in",) * N_LAYERS)
+    with torch.no_grad():
+        for l in range(N_LAYERS):
+            for name, p in lm.adapter.attention(l).named_parameters():
+                if "c_proj" in name or "o_proj" in name:
+                    p.zero_()
+    clt = _clt(None, activation)
+    with torch.no_grad():
+        clt.W_skip.zero_()  # type: ignore[union-attr]  # a skip, too, is inside a graph edge
+    run = record_run(lm.model, ids, clt_transcoders(clt))
+    g = build_attribution_graph(run, GraphConfig(max_feature_nodes=0, batch_size=8))
+    last = run.seq_len - 1
+    f = run.transcoders[2].f[last]
+    idx = int(f.argmax())
+    assert f[idx] > 0
+    result = search_paths(Attributor(run), Node("feature", last, 2, idx), SearchConfig(depth=2, beam=12))
+    assert math.isclose(result.root_value, float(run.transcoders[2].pre[last, idx]), rel_tol=1e-6)
+    row = g.feature_node(2, last, idx)
+    scale = abs(result.root_value) + max(abs(o.attribution) for o in result.occurrences)
+    layers = set()
+    for o in result.occurrences[1:]:
+        if o.parent == 0 and o.node.kind == "feature":
+            edge = float(g.edges[row, g.feature_node(o.node.layer, o.node.pos, o.node.index)])
+            assert math.isclose(o.attribution, edge, rel_tol=1e-6, abs_tol=1e-9 * scale), (o.name, edge)
+            layers.add(o.node.layer)
+    assert 0 in layers
+    for o in result.occurrences:
+        if o.expanded:
+            b = o.breakdown
+            assert math.isclose(b["kept"] + b["tc_error"] + b["bias"] + b["pruned"], o.attribution,
+                                rel_tol=1e-6, abs_tol=1e-9 * scale)
+    assert check_completeness(build_graph(result, n_layers=N_LAYERS, tokens=run.tokens.tolist()), rtol=1e-6) == []
 
 
 def test_a_reach_zero_clt_graph_is_the_per_layer_sets_graph():

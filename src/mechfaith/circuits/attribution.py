@@ -92,7 +92,6 @@ class Attributor:
 
     def __init__(self, run: ReplacementRun) -> None:
         self.run = run
-        self.has_cross = any(rec.cross for rec in run.transcoders.values())
         self.parts = run.parts
         self.n_layers = run.parts.n_layers
         self.dtype = run.resid.dtype
@@ -143,18 +142,16 @@ class Attributor:
             return self.logit_probe(node.pos, node.index, node.index2)
         raise ConfigError(f"a circuit starts at a transcoder feature or a logit, not {node.name}")
 
-    def _no_cross(self) -> None:
-        if self.has_cross:
-            raise ConfigError("greedy path attribution (mechfaith circuit) does not take cross-layer transcoders "
-                              "yet: build an attribution graph (mechfaith graph) instead")
-
     def child_probe(self, parent: Probe, child: Node) -> Probe | None:
         """The probe of ``child`` seen from ``parent`` (None for leaves)."""
-        self._no_cross()
         g = parent.vector
         if child.kind == "feature":
             rec = self._record(child.layer)
-            return self.feature_probe(child.layer, child.index, child.pos, float(rec.W_dec[child.index] @ g))
+            # the feature's writes that land below the parent's stream: its own layer's, and (CLTs)
+            # those of its cross decoders into later layers
+            scale = sum((float(W[child.index] @ g) for t, W in [(child.layer, rec.W_dec), *rec.cross.items()]
+                         if parent.stream > 2 * t + 1), 0.0)
+            return self.feature_probe(child.layer, child.index, child.pos, scale)
         if child.kind == "skip":
             rec = self._record(child.layer)
             assert rec.W_skip is not None
@@ -176,7 +173,6 @@ class Attributor:
     # ------------------------------------------------------------------ children
     def children(self, probes: list[Probe]) -> ChildTable:
         """All children of each probe (batched over probes)."""
-        self._no_cross()
         run, parts = self.run, self.parts
         n, seq, H = self.n_layers, run.seq_len, parts.n_heads
         G = torch.stack([p.vector for p in probes]).to(self.dtype)  # [P, d]
@@ -208,7 +204,10 @@ class Attributor:
         for l in sorted(run.transcoders):
             rec = run.transcoders[l]
             ok = (stream > 2 * l + 1).to(self.dtype)
-            add("feature", l, rec.f[pos] * (G @ rec.W_dec.T) * ok[:, None])
+            effect = (G @ rec.W_dec.T) * ok[:, None]  # [P, n] per unit activation
+            for t, W in rec.cross.items():  # a CLT feature's writes into later layers' MLP outputs
+                effect = effect + (G @ W.T) * (stream > 2 * t + 1).to(self.dtype)[:, None]
+            add("feature", l, rec.f[pos] * effect)
             bias = bias + ok * (G @ rec.b_dec)
         for l in range(n):
             ok = (stream > 2 * l + 1).to(self.dtype)
