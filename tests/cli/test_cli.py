@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ def test_help_lists_every_command_and_every_help_renders(capsys: pytest.CaptureF
         text = p.format_help()
         assert text.startswith("usage: mechfaith ")
         assert "--verbose" in text and "--help" in text
+        # each option states its default once (dataclass options default to None in argparse)
+        assert re.search(r"\(default: [^)]*\)\s+\(default:", text) is None, p.prog
 
 
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:

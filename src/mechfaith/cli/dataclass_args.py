@@ -38,6 +38,16 @@ def _default_text(f: dataclasses.Field, overrides: typing.Mapping[str, Any]) -> 
     return " (required)"
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (dataclass options state their own default in their help, and
+    default to None so that an option left out can be told from one given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
                        exclude: typing.AbstractSet[str] = frozenset(),
                        defaults: typing.Mapping[str, Any] | None = None) -> None:

@@ -43,7 +43,7 @@ EXPERIMENT_NAMES = ("experiment.json", "report.html", "cells")  # what an experi
 
 def add_parser(subparsers) -> None:
     from mechfaith.cli.arg_types import device
-    from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+    from mechfaith.cli.dataclass_args import DefaultsFormatter, add_dataclass_args, add_quiet_option
     from mechfaith.cli.out_guard import add_overwrite_option
     from mechfaith.faithfulness.datapoints import DatapointConfig
     from mechfaith.faithfulness.masking import MaskingConfig
@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
     sub = top.add_subparsers(dest="faithfulness_command", metavar="{report,experiment}")
     sub.required = True
     p = sub.add_parser("report", help="faithfulness report (JSON + HTML) of a trained LM transcoder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("coder", help="run folder or coder folder (from mechfaith lm train), a SAELens folder, or a set "
                                  "folder (set.json, from lm train --layers) with --layer")
     p.add_argument("--out", default=None, help="output folder (default: faithfulness/ beside the coder)")
@@ -79,13 +79,13 @@ def add_parser(subparsers) -> None:
 
 
 def _add_experiment_parser(sub) -> None:
-    from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+    from mechfaith.cli.dataclass_args import DefaultsFormatter, add_dataclass_args, add_quiet_option
     from mechfaith.cli.out_guard import add_overwrite_option
     from mechfaith.lm.corpus import CorpusConfig
     from mechfaith.studies.memorization import ExperimentConfig
 
     p = sub.add_parser("experiment", help="does a transcoder memorize a repeated passage; does Jacobian "
-                       "matching prevent it (JSON + HTML)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "matching prevent it (JSON + HTML)", formatter_class=DefaultsFormatter)
     p.add_argument("--out", default="runs/experiment", help="output folder (an experiment's own folder: finished "
                                                              "cells are kept)")
     add_overwrite_option(p)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mechfaith.atomic import check_replaceable
 from mechfaith.cli.arg_types import device, layers_spec, nonneg_float, nonneg_int, positive_int
-from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option
+from mechfaith.cli.dataclass_args import DefaultsFormatter, add_dataclass_args, add_quiet_option
 from mechfaith.cli.lm_configs import data_configs, train_configs
 from mechfaith.cli.lm_files import check_eval_out, run_export, run_import
 from mechfaith.cli.out_guard import add_overwrite_option, run_output
@@ -42,15 +42,6 @@ DEFAULT_SWEEP_VALUES = "16,32,64,128"
 RUN_NAMES = ("coder", "train.json", "metrics.jsonl", "checkpoint", "activations", "eval.json", "faithfulness")
 SWEEP_NAMES = ("runs", "activations", "sweep.json", "sweep.png")
 SWEEP_TRAIN_DEFAULTS = {"n_steps": 150}
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (dataclass options state their own default in their help)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def _set_default_help(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -123,7 +114,7 @@ def add_parser(subparsers) -> None:
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = lm.add_subparsers(dest="lm_command", metavar="{collect,train,eval,sweep,export,import}")
     sub.required = True
-    fmt = _Formatter
+    fmt = DefaultsFormatter
 
     p = sub.add_parser("collect", help="collect MLP input/output activations into a cache folder",
                        formatter_class=fmt)

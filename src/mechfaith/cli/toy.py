@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from mechfaith.cli import toy_multihop
-from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, config_with_quick
+from mechfaith.cli.dataclass_args import DefaultsFormatter, add_dataclass_args, add_quiet_option, config_with_quick
 from mechfaith.cli.out_guard import add_overwrite_option, new_output
 from mechfaith.coders.files import save_coder
 from mechfaith.toy.experiments import QUICK, ToyConfig, run_toy
@@ -31,7 +31,7 @@ OWN_NAMES = ("metrics.json", "report.html", "report.md", "*.png", "coders")  # w
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "toy", help="reproduce the toy model of mechanistic (un)faithfulness (numbers, figures, report)",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=DefaultsFormatter)
     p.add_argument("--out", default="toy-report", help="output folder: new, empty, or an earlier toy report "
                                                         "(replaced whole once the new one is complete)")
     add_overwrite_option(p)

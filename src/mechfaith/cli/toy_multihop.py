@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mechfaith.cli.dataclass_args import add_dataclass_args, add_quiet_option, config_with_quick
+from mechfaith.cli.dataclass_args import DefaultsFormatter, add_dataclass_args, add_quiet_option, config_with_quick
 from mechfaith.cli.out_guard import add_overwrite_option, new_output
 from mechfaith.toy.multihop import QUICK, MultihopConfig, run_multihop
 
@@ -24,7 +24,7 @@ OWN_NAMES = ("metrics.json", "report.html", "report.md", "*.png")  # what write_
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "multihop", help="the multi-hop toy: do cross-layer transcoders take shortcuts? (numbers, figures, report)",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=DefaultsFormatter)
     p.add_argument("--out", default="multihop-report", help="output folder: new, empty, or an earlier multihop "
                                                             "report (replaced whole once the new one is complete)")
     add_overwrite_option(p)
