@@ -120,36 +120,15 @@ class CLTTrainer(ModuleTrainer):
                 values += [terms.recon.detach(), terms.sse.detach() / t.numel(), 1.0 - terms.sse.detach() / var,
                            active / (B * x.shape[0]), active / B,
                            (new_since >= cfg.dead_window).to(torch.float64).mean()]
-                for name in ("sparsity", "jacobian"):
-                    value = getattr(terms, name)
-                    if value is not None:
-                        names.append(name)
-                        values.append(value.detach())
-                if terms.jacobian is not None and terms.jacobian_ref_sq is not None:
-                    names.append("jacobian_rel")
-                    values.append(terms.jacobian.detach() / terms.jacobian_ref_sq.clamp_min(1e-30))
-            stacked = torch.stack([v.to(torch.float64) for v in values])
-            if self.sync is not None:
-                stacked = self.sync.reduce_values(stacked)
+                self.add_loss_terms(terms, ("sparsity", "jacobian"), names, values)
+            stacked = self.stack_values(values)
         return PendingStep(names, stacked, (new_since, rows, lr, coef), given)
-
-    def abort_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def finish_step(self, pending: PendingStep, got: dict[str, Any]) -> dict[str, Any]:
         new_since, rows, lr, coef = pending.state
         self.optimizer.step()
         self.tracker.tokens_since_fired = new_since
-        self.step_count += 1
-        self.tokens_seen += rows
-        record: dict[str, Any] = {"step": self.step_count, "tokens": self.tokens_seen, "lr": lr,
-                                  "sparsity_coef": coef}
-        record.update(got)
-        return record
-
-    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{record['loss']:.4g}", "fve": f"{record['fve']:.3f}", "l0": f"{record['l0']:.1f}",
-                "dead": f"{record['dead_frac']:.2f}"}
+        return self.count_step(rows, lr, coef, got)
 
 
 def train_clt(clt: CrossLayerTranscoder, cfg: TrainConfig, stream: Any, *,

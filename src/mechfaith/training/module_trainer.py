@@ -76,6 +76,40 @@ class ModuleTrainer(EngineMember):
     def checkpoint_every(self) -> int:  # type: ignore[override]
         return self.cfg.checkpoint_every
 
+    def abort_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4g}", "fve": f"{record['fve']:.3f}",
+                "l0": f"{record['l0']:.1f}", "dead": f"{record['dead_frac']:.2f}"}
+
+    @staticmethod
+    def add_loss_terms(terms: Any, optional: tuple[str, ...], names: list[str], values: list[Any]) -> None:
+        """Append each of the ``optional`` loss terms ``terms`` holds, and ``jacobian_rel`` (the
+        Jacobian term over the reference's squared JVP) when it has the Jacobian term."""
+        for name in optional:
+            value = getattr(terms, name)
+            if value is not None:
+                names.append(name)
+                values.append(value.detach())
+        if terms.jacobian is not None and terms.jacobian_ref_sq is not None:
+            names.append("jacobian_rel")
+            values.append(terms.jacobian.detach() / terms.jacobian_ref_sq.clamp_min(1e-30))
+
+    def stack_values(self, values: list[Any]) -> torch.Tensor:
+        """A step's values as one float64 vector (one host sync reads it), means over processes."""
+        stacked = torch.stack([v.to(torch.float64) for v in values])
+        return self.sync.reduce_values(stacked) if self.sync is not None else stacked
+
+    def count_step(self, rows: int, lr: float, coef: float, got: dict[str, Any]) -> dict[str, Any]:
+        """Count a finished step of ``rows`` rows; its log record (counters, lr, coefficient, ``got``)."""
+        self.step_count += 1
+        self.tokens_seen += rows
+        record: dict[str, Any] = {"step": self.step_count, "tokens": self.tokens_seen, "lr": lr,
+                                  "sparsity_coef": coef}
+        record.update(got)
+        return record
+
     def forget_dead_count(self) -> None:
         """The tracker changed outside a step (a restored checkpoint): drop what was derived from it."""
 

@@ -223,21 +223,9 @@ class Trainer(ModuleTrainer):
                            1.0 - terms.sse / _total_var(terms.target),
                            terms.out.mask.sum(dtype=torch.float32) / batch,
                            (new_since >= cfg.dead_window).float().mean()]
-                for name in ("sparsity", "jacobian", "jacobian_contribution", "auxk"):
-                    value = getattr(terms, name)
-                    if value is not None:
-                        names.append(name)
-                        values.append(value.detach())
-                if terms.jacobian is not None and terms.jacobian_ref_sq is not None:
-                    names.append("jacobian_rel")
-                    values.append(terms.jacobian.detach() / terms.jacobian_ref_sq.clamp_min(1e-30))
-            stacked = torch.stack([v.to(torch.float64) for v in values])
-            if self.sync is not None:
-                stacked = self.sync.reduce_values(stacked)  # means over processes
+                self.add_loss_terms(terms, ("sparsity", "jacobian", "jacobian_contribution", "auxk"), names, values)
+            stacked = self.stack_values(values)
         return PendingStep(names, stacked, (new_since, rows, lr, coef), batch_given)
-
-    def abort_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def finish_step(self, pending: PendingStep, got: dict[str, Any]) -> dict[str, Any]:
         """Apply the update of a step begun by :meth:`begin_step` (its values read back in ``got``)."""
@@ -250,16 +238,7 @@ class Trainer(ModuleTrainer):
         self._n_dead = int(got.pop("n_dead"))
         if self.sync is not None:
             self.sync.after_step(self.coder)
-        self.step_count += 1
-        self.tokens_seen += rows
-        record: dict[str, Any] = {"step": self.step_count, "tokens": self.tokens_seen, "lr": lr,
-                                  "sparsity_coef": coef}
-        record.update(got)
-        return record
-
-    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{record['loss']:.4g}", "fve": f"{record['fve']:.3f}",
-                "l0": f"{record['l0']:.1f}", "dead": f"{record['dead_frac']:.2f}"}
+        return self.count_step(rows, lr, coef, got)
 
 
 def _total_var(y: Tensor) -> Tensor:
