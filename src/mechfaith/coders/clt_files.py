@@ -17,14 +17,13 @@ from mechfaith.coders.clt import CrossLayerTranscoder
 from mechfaith.coders.clt_config import CLTConfig
 from mechfaith.coders.files import (
     CONFIG_NAME,
-    read_checked_weights,
+    load_module_folder,
     read_folder_meta,
     read_json,
     resolve_coder_folder,
     save_module_folder,
 )
-from mechfaith.configs import config_from_dict
-from mechfaith.errors import CoderFileError, ConfigError
+from mechfaith.errors import CoderFileError
 
 FORMAT = "mechfaith.clt"
 FORMAT_VERSION = 1
@@ -69,13 +68,4 @@ def read_clt_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_clt(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> CrossLayerTranscoder:
     """Load a CLT saved by :func:`save_clt`; damage of any kind raises :class:`CoderFileError`."""
-    folder = resolve_coder_folder(path)
-    meta = read_clt_meta(folder)
-    try:
-        cfg = config_from_dict(CLTConfig, meta["config"])
-    except ConfigError as exc:
-        raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
-    tensors = read_checked_weights(folder, meta, CrossLayerTranscoder.state_shapes(cfg))
-    clt = CrossLayerTranscoder(cfg)
-    clt.load_state_dict(tensors)
-    return clt.to(map_location)
+    return load_module_folder(path, read_clt_meta, CLTConfig, CrossLayerTranscoder, map_location)

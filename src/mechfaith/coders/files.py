@@ -173,15 +173,23 @@ def read_checked_weights(folder: Path, meta: dict[str, Any], expected: dict[str,
     return tensors
 
 
-def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> SparseCoder:
-    """Load a coder saved by :func:`save_coder`; damage of any kind raises :class:`CoderFileError`."""
+def load_module_folder(path: str | os.PathLike[str], read_meta: Any, config_cls: type, module_cls: Any,
+                       map_location: str | torch.device = "cpu") -> Any:
+    """The module a :func:`save_module_folder` folder holds: its metadata checked by ``read_meta``,
+    its config rebuilt as ``config_cls``, its weights checked against ``module_cls.state_shapes``
+    and loaded into ``module_cls(config)``; damage of any kind raises :class:`CoderFileError`."""
     folder = resolve_coder_folder(path)
-    meta = read_coder_meta(folder)
+    meta = read_meta(folder)
     try:
-        cfg = config_from_dict(CoderConfig, meta["config"])
+        cfg: Any = config_from_dict(config_cls, meta["config"])
     except ConfigError as exc:
         raise CoderFileError(folder / CONFIG_NAME, f"bad config: {exc}") from None
-    tensors = read_checked_weights(folder, meta, SparseCoder.state_shapes(cfg))
-    coder = SparseCoder(cfg)
-    coder.load_state_dict(tensors)
-    return coder.to(map_location)
+    tensors = read_checked_weights(folder, meta, module_cls.state_shapes(cfg))
+    module = module_cls(cfg)
+    module.load_state_dict(tensors)
+    return module.to(map_location)
+
+
+def load_coder(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> SparseCoder:
+    """Load a coder saved by :func:`save_coder`; damage of any kind raises :class:`CoderFileError`."""
+    return load_module_folder(path, read_coder_meta, CoderConfig, SparseCoder, map_location)
